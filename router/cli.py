@@ -1,0 +1,176 @@
+"""Command line: argv -> settings -> the command. Nothing else lives here.
+
+    router serve [--config FILE] [--workers N]
+    router check-config [--config FILE]
+    router explain TENANT [--config FILE] [--json]
+    router flags set TENANT legacy|hold|new [--file F] [--flag-key KEY]
+
+Exit status: 0 ok, 1 the command failed, 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from router.settings import ConfigError, Settings, load_settings
+
+DEFAULT_CONFIG = "config/router.yaml"
+EXIT_CONFIG = 2
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    """--config, else ROUTER_CONFIG, else config/router.yaml when it exists, else env only."""
+    if args.config:
+        return str(args.config)
+    from_env = os.environ.get("ROUTER_CONFIG")
+    if from_env:
+        return from_env
+    return DEFAULT_CONFIG if Path(DEFAULT_CONFIG).is_file() else None
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    env = dict(os.environ)
+    if getattr(args, "workers", None):
+        env["ROUTER_WORKERS"] = str(args.workers)
+    return load_settings(_config_path(args), env)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from router.server import run
+
+    return run(_load(args))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    problems = []
+    if settings.flags.source == "file" and settings.flags.file is not None:
+        from router.flagfile import FlagFileError, read_flag_file
+
+        try:
+            data = read_flag_file(settings.flags.file)
+            if settings.flags.flag_key not in data.get("flags", {}):
+                problems.append(f"flags.file: flag {settings.flags.flag_key!r} not in {settings.flags.file}")
+        except FlagFileError as exc:
+            problems.append(f"flags.file: {exc}")
+    if problems:
+        raise ConfigError("\n".join(problems))
+    print(f"config ok: {_config_path(args) or '(environment only)'}")
+    print(f"  listen {settings.server.listen}, admin {settings.server.admin_listen}, workers {settings.server.workers}")
+    print(f"  legacy {settings.upstreams.legacy.url}, new {settings.upstreams.new.url}")
+    source = settings.flags.file if settings.flags.source == "file" else "LaunchDarkly"
+    print(f"  flag {settings.flags.flag_key!r} from {source}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    result = asyncio.run(_explain(settings, args.tenant))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif "error" in result:
+        print(f"tenant {args.tenant!r}: {result['error']}", file=sys.stderr)
+    else:
+        print(f"tenant    {result['tenant']}")
+        print(f"target    {result['target']}  (reason: {result['reason']})")
+        print(f"upstream  {result['upstream']}  (Host: {result['host_header']})")
+        print(f"flag      {result['flag_key']} = {result['flag_value']!r}  (source: {result['flag_source']})")
+    return 1 if "error" in result else 0
+
+
+async def _explain(settings: Settings, tenant: str) -> dict[str, Any]:
+    from router.flags import FlagSource
+    from router.routing import Decider
+    from router.tenant import TenantIdentifier
+
+    if not TenantIdentifier(settings.tenant).is_valid(tenant):
+        return {"tenant": tenant, "error": "not a valid tenant id"}
+    flags = FlagSource(settings.flags, asyncio.get_running_loop())
+    try:
+        await flags.start(wait=max(settings.flags.start_wait, 1.0))
+        if not flags.ready:
+            return {"tenant": tenant, "error": "flag data could not be loaded"}
+        route = Decider(settings, flags).evaluate(tenant)
+        upstream = getattr(settings.upstreams, route.target, settings.upstreams.legacy)
+        source = str(settings.flags.file) if settings.flags.source == "file" else "launchdarkly"
+        return {
+            "tenant": tenant,
+            "target": route.target,
+            "reason": route.reason,
+            "upstream": upstream.url,
+            "host_header": upstream.host_header,
+            "flag_key": settings.flags.flag_key,
+            "flag_value": flags.variation(tenant, "legacy"),
+            "flag_source": source,
+        }
+    finally:
+        await flags.close()
+
+
+def cmd_flags_set(args: argparse.Namespace) -> int:
+    from router.flagfile import FlagFileError, set_tenant
+
+    path = args.file
+    if path is None:
+        settings = _load(args)
+        if settings.flags.file is None:
+            raise ConfigError("flags.file: no flag file configured; pass --file")
+        path = settings.flags.file
+    try:
+        previous = set_tenant(Path(path), args.tenant, args.value, flag_key=args.flag_key)
+    except FlagFileError as exc:
+        print(f"router flags set: {exc}", file=sys.stderr)
+        return 1
+    if previous == args.value:
+        print(f"{args.tenant}: already {args.value} ({path} unchanged)")
+    else:
+        print(f"{args.tenant}: {previous} -> {args.value} ({path})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="router", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", type=Path, help=f"YAML settings (default {DEFAULT_CONFIG})")
+        return p
+
+    serve = with_config(sub.add_parser("serve", help="run the proxy and its admin port"))
+    serve.add_argument("--workers", type=int, help="worker processes (SO_REUSEPORT)")
+    serve.set_defaults(func=cmd_serve)
+
+    check = with_config(sub.add_parser("check-config", help="validate settings and exit"))
+    check.set_defaults(func=cmd_check_config)
+
+    explain = with_config(sub.add_parser("explain", help="where would TENANT be routed, and why"))
+    explain.add_argument("tenant")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+    explain.set_defaults(func=cmd_explain)
+
+    flags = sub.add_parser("flags", help="edit the flag file")
+    flags_sub = flags.add_subparsers(dest="flags_command", required=True)
+    flags_set = with_config(flags_sub.add_parser("set", help="route TENANT to a side"))
+    flags_set.add_argument("tenant")
+    flags_set.add_argument("value", choices=["legacy", "hold", "new"])
+    flags_set.add_argument("--file", type=Path, help="flag file (default: flags.file of the config)")
+    flags_set.add_argument("--flag-key", default="tenant-routing")
+    flags_set.set_defaults(func=cmd_flags_set)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"router: configuration error:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return code

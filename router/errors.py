@@ -1,0 +1,113 @@
+"""Errors the router answers with, and the one place their wire form is built.
+
+Every local reply has a stable `code` (Envoy's `response_code_details` idea): the same
+string is the JSON body's `error`, the access log's `error` field and a metric label, so
+an SRE can grep, graph and alert on it. Codes are a contract (DESIGN.md): add, never rename.
+
+    RouterError(code, status, source, retryable)
+    ├── ClientError                 source=downstream: the request itself is at fault
+    │   ├── bad_request             400  malformed request, or one we refuse to forward
+    │   ├── method_not_allowed      405  CONNECT: this is not a forward proxy
+    │   ├── uri_too_long            414  request line over the limit
+    │   └── headers_too_large       431  header section over the limits
+    ├── UpstreamError               source=upstream: the chosen backend failed us
+    │   ├── upstream_connect_failed 502  refused, unreachable, TLS handshake failed
+    │   ├── upstream_reset          502  connection closed/reset before a complete response head
+    │   ├── upstream_bad_response   502  broken framing, invalid Content-Length, bad status line
+    │   └── upstream_timeout        504  connect, response-header or body-read timeout
+    └── InternalError               source=internal
+        ├── not_ready               503  no flag data yet (the LB should not have sent this)
+        ├── draining                503  shutting down (ditto)
+        └── internal_error          500  a bug: logged with its traceback
+
+`retryable` says whether the *client* may safely retry (the request did not reach the
+backend, or the router itself refused it); the router never retries on its own except the
+one case the upstream pool handles (a reused connection that died before the request was
+sent).
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+Source = Literal["downstream", "upstream", "internal"]
+
+
+class RouterError(Exception):
+    code: str = "internal_error"
+    status: int = 500
+    source: Source = "internal"
+    retryable: bool = False
+
+    def __init__(self, detail: str = "", *, retryable: bool | None = None) -> None:
+        super().__init__(detail or self.code)
+        self.detail = detail or self.code
+        if retryable is not None:
+            self.retryable = retryable
+
+
+class ClientError(RouterError):
+    source: Source = "downstream"
+
+
+class BadRequest(ClientError):
+    code = "bad_request"
+    status = 400
+
+
+class MethodNotAllowed(ClientError):
+    code = "method_not_allowed"
+    status = 405
+
+
+class UriTooLong(ClientError):
+    code = "uri_too_long"
+    status = 414
+
+
+class HeadersTooLarge(ClientError):
+    code = "headers_too_large"
+    status = 431
+
+
+class UpstreamError(RouterError):
+    source: Source = "upstream"
+    status = 502
+
+
+class UpstreamConnectFailed(UpstreamError):
+    code = "upstream_connect_failed"
+    retryable = True  # nothing reached the backend
+
+
+class UpstreamReset(UpstreamError):
+    code = "upstream_reset"
+
+
+class UpstreamBadResponse(UpstreamError):
+    code = "upstream_bad_response"
+
+
+class UpstreamTimeout(UpstreamError):
+    code = "upstream_timeout"
+    status = 504
+
+
+class InternalError(RouterError):
+    source: Source = "internal"
+
+
+class NotReady(InternalError):
+    code = "not_ready"
+    status = 503
+    retryable = True
+
+
+class Draining(InternalError):
+    code = "draining"
+    status = 503
+    retryable = True
+
+
+# Retry-After (seconds) sent with 503s the router itself decides.
+RETRY_AFTER_SECONDS: Final = "1"

@@ -1,0 +1,160 @@
+"""Flag source: the LaunchDarkly server SDK, and the bridge from its threads to our loop.
+
+The SDK is thread-based: its data source (a file poller, or the streaming connection to
+LaunchDarkly or a Relay Proxy) runs on its own threads and calls listeners there. Nothing
+from those threads touches router state directly; every event is handed to the event loop
+with `call_soon_threadsafe`, so the loop owns the decision cache and readiness alone.
+
+Evaluation (`variation`) reads the SDK's in-memory store: no I/O, about 14 µs, safe to
+call on the loop, but too dear to call per request; routing.py caches its result per
+tenant and clears the cache on every change event for our flag.
+
+File source: the SDK's own file data source, with auto-update by polling the file's
+mtime. Polling, not watchdog: the SDK's watchdog handler only matches `src_path`, so the
+atomic rename `router flags set` uses (a *moved* event whose target is `dest_path`) would
+go unseen. The SDK fires a change event only when a flag's `version` increases, which is
+why the flag writer (flagfile.py) bumps it on every write. A file that fails to parse is
+logged by the SDK and ignored: the last good flags stay in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import ldclient
+from ldclient import Context
+from ldclient.config import Config
+from ldclient.integrations import Files
+from ldclient.interfaces import DataSourceStatus
+
+from router.settings import FlagSettings
+
+log = logging.getLogger("router.flags")
+
+ChangeCallback = Callable[[], None]
+
+
+class FlagSource:
+    """Owns one LDClient; reports readiness and flag changes on the event loop."""
+
+    def __init__(self, settings: FlagSettings, loop: asyncio.AbstractEventLoop) -> None:
+        self.settings = settings
+        self.flag_key = settings.flag_key
+        self._loop = loop
+        self._client: Any = None  # ldclient.LDClient once started
+        self._ready = False
+        self._on_change: list[ChangeCallback] = []
+        self._on_ready: list[ChangeCallback] = []
+        self.updates = 0  # change events seen for our flag
+        self.state = "initializing"
+
+    # ---- lifecycle ---------------------------------------------------------------------
+
+    def _config(self) -> Config:
+        s = self.settings
+        if s.source == "file":
+            assert s.file is not None
+            return Config(
+                sdk_key="file-data-source",  # not used: no connection to LaunchDarkly
+                update_processor_class=Files.new_data_source(
+                    paths=[str(s.file)],
+                    auto_update=True,
+                    poll_interval=s.poll_interval,
+                    force_polling=True,
+                ),
+                send_events=False,
+                diagnostic_opt_out=True,
+            )
+        kwargs: dict[str, Any] = {"sdk_key": s.sdk_key, "send_events": s.send_events}
+        if s.base_uri:
+            kwargs["base_uri"] = s.base_uri
+        if s.stream_uri:
+            kwargs["stream_uri"] = s.stream_uri
+        if s.events_uri:
+            kwargs["events_uri"] = s.events_uri
+        return Config(**kwargs)
+
+    async def start(self, wait: float | None = None) -> None:
+        """Start the SDK off the loop (its constructor may block), wait up to `wait` s for data.
+
+        Not having data is not an error: the router serves nothing useful without it, so
+        /readyz stays 503 (the load balancer sends no traffic) until it arrives.
+        """
+        wait = self.settings.start_wait if wait is None else wait
+        config = self._config()
+        self._client = await self._loop.run_in_executor(None, lambda: ldclient.LDClient(config, start_wait=0))
+        client = self._client
+        # Listeners first, then the initial check, so no transition is missed.
+        client.flag_tracker.add_listener(self._flag_changed_threadsafe)
+        client.data_source_status_provider.add_listener(self._status_changed_threadsafe)
+        self._refresh_ready()
+        deadline = self._loop.time() + wait
+        while not self._ready and self._loop.time() < deadline:
+            await asyncio.sleep(0.05)
+            self._refresh_ready()
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        self._ready = False
+        if client is not None:
+            # close() joins SDK threads (and flushes events): keep it off the loop.
+            await self._loop.run_in_executor(None, client.close)
+
+    # ---- state -------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def add_change_callback(self, callback: ChangeCallback) -> None:
+        self._on_change.append(callback)
+
+    def add_ready_callback(self, callback: ChangeCallback) -> None:
+        self._on_ready.append(callback)
+
+    def variation(self, tenant: str, default: str) -> Any:
+        """Evaluate the routing flag for a tenant context (in-memory, on the loop)."""
+        client = self._client
+        if client is None:
+            return default
+        context = Context.builder(tenant).kind("tenant").build()
+        return client.variation(self.flag_key, context, default)
+
+    # ---- SDK threads -> loop -----------------------------------------------------------
+
+    def _flag_changed_threadsafe(self, change: Any) -> None:
+        if change.key == self.flag_key:
+            self._loop.call_soon_threadsafe(self._flag_changed)
+
+    def _status_changed_threadsafe(self, status: DataSourceStatus) -> None:
+        self._loop.call_soon_threadsafe(self._status_changed, status.state.value)
+
+    # ---- on the loop -------------------------------------------------------------------
+
+    def _flag_changed(self) -> None:
+        self.updates += 1
+        for callback in self._on_change:
+            callback()
+
+    def _status_changed(self, state: str) -> None:
+        self.state = state
+        if state == "interrupted":
+            # The last known flags stay in memory and in force; say so once per transition.
+            log.warning("flag source interrupted; serving the last known flag values")
+        self._refresh_ready()
+
+    def _refresh_ready(self) -> None:
+        client = self._client
+        ready = bool(client is not None and client.is_initialized())
+        if ready and not self._ready:
+            self._ready = True
+            self.state = "valid" if self.state == "initializing" else self.state
+            log.info("flag data loaded", extra={"flag_key": self.flag_key})
+            for callback in self._on_ready:
+                callback()
+            # Anything evaluated before data arrived used defaults: forget it.
+            for callback in self._on_change:
+                callback()

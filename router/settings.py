@@ -1,0 +1,375 @@
+"""Settings: `config/router.yaml` plus environment overrides, validated once at start-up.
+
+Everything the router needs is resolved here, before the first request: a bad value never
+surfaces as a failed request at 3 a.m., it stops the process at start with exit status 2
+and a message that names the key (`ConfigError`).
+
+Precedence: built-in defaults < YAML file < environment variables (the contract in
+DESIGN.md; the ECS task definition sets the variables). Relative paths in the YAML file
+are resolved against the file's own directory, so a config works from any working
+directory; paths from the environment are resolved against the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+Target = Literal["legacy", "new"]
+TARGETS: tuple[Target, ...] = ("legacy", "new")
+
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def is_token(value: str) -> bool:
+    """RFC 9110 token (a valid header field name)."""
+    return bool(_TOKEN.match(value))
+
+
+class ConfigError(Exception):
+    """Invalid configuration; `str()` names every offending key and its problem."""
+
+
+class _Frozen(BaseModel):
+    # extra="forbid": a misspelt key is an error, not a silently ignored default.
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _split_host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port, got {value!r}")
+    return (host.strip("[]") or "0.0.0.0"), int(port)
+
+
+class HeaderExtractor(_Frozen):
+    type: Literal["header"]
+    name: str = "X-Tenant-Id"
+
+    @field_validator("name")
+    @classmethod
+    def _header_name(cls, v: str) -> str:
+        if not is_token(v):
+            raise ValueError(f"not a valid header name: {v!r}")
+        return v
+
+
+class JwtExtractor(_Frozen):
+    """Tenant from a JWT claim; the token is decoded for routing only, never verified here."""
+
+    type: Literal["jwt"]
+    claim: str = "iss"
+    query_param: str = "jwt"
+
+
+class HostExtractor(_Frozen):
+    type: Literal["host"]
+    pattern: str  # e.g. "{tenant}.example.com"
+
+    @field_validator("pattern")
+    @classmethod
+    def _one_placeholder(cls, v: str) -> str:
+        if v.count("{tenant}") != 1:
+            raise ValueError("pattern must contain '{tenant}' exactly once")
+        return v
+
+
+class PathExtractor(_Frozen):
+    type: Literal["path"]
+    pattern: str  # e.g. "/t/{tenant}/"
+
+    @field_validator("pattern")
+    @classmethod
+    def _one_placeholder(cls, v: str) -> str:
+        if v.count("{tenant}") != 1:
+            raise ValueError("pattern must contain '{tenant}' exactly once")
+        if not v.startswith("/"):
+            raise ValueError("pattern must start with '/'")
+        return v
+
+
+Extractor = Annotated[
+    HeaderExtractor | JwtExtractor | HostExtractor | PathExtractor, Field(discriminator="type")
+]
+
+
+def _default_extractors() -> list[Extractor]:
+    return [HeaderExtractor(type="header"), JwtExtractor(type="jwt")]
+
+
+class TenantSettings(_Frozen):
+    # Ordered: the first extractor that finds a tenant wins.
+    extractors: list[Extractor] = Field(default_factory=_default_extractors)
+    # Where a request with no recognisable tenant goes (reason `no-tenant`).
+    default_target: Target = "legacy"
+    # A tenant id longer than this, or with characters outside this set, is treated as
+    # "no tenant" rather than being fed to the flag evaluator and the decision cache.
+    max_length: int = Field(default=128, ge=1, le=1024)
+
+
+class FlagSettings(_Frozen):
+    source: Literal["file", "launchdarkly"] = "file"
+    file: Path | None = None
+    flag_key: str = "tenant-routing"
+    # The file source polls the file's mtime (the SDK's watchdog mode misses atomic
+    # renames, which is how `router flags set` writes): this bounds how late a flip lands.
+    poll_interval: PositiveSeconds = 0.5
+    sdk_key: str | None = None
+    base_uri: str | None = None  # Relay Proxy, if used
+    stream_uri: str | None = None
+    events_uri: str | None = None
+    send_events: bool = True  # analytics events to LaunchDarkly (launchdarkly source only)
+    # Decisions are cached per tenant and invalidated on flag change; the bound keeps
+    # a client inventing tenant ids from growing memory without limit.
+    decision_cache_size: int = Field(default=200_000, ge=100)
+    # Seconds `router serve` waits for flag data before starting to serve anyway (not
+    # ready: /readyz stays 503 until data arrives).
+    start_wait: float = Field(default=5.0, ge=0)
+
+
+class UpstreamSettings(_Frozen):
+    url: str
+    # `preserve`: the client's Host (same-domain backends); `upstream`: the upstream's own
+    # host name (what a load balancer in another account expects).
+    host_header: Literal["preserve", "upstream"] = "preserve"
+    verify_tls: bool = True
+    ca_file: Path | None = None
+    max_connections: int = Field(default=1024, ge=1)
+    # Must stay below the upstream's own keep-alive timeout: if the upstream closes an idle
+    # connection at the moment we reuse it, the request races the FIN (the stale-connection
+    # race). Node.js closes idle connections after 5 s, gunicorn after 2 s, nginx 75 s,
+    # an ALB 60 s; 4 s is safe against all but gunicorn's default.
+    idle_timeout: PositiveSeconds = 4.0
+    connect_timeout: PositiveSeconds = 3.0
+    # From the end of the request to the response's status line and headers.
+    response_header_timeout: PositiveSeconds = 30.0
+    # Longest silence between two reads of the response body.
+    read_timeout: PositiveSeconds = 60.0
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http:// or https:// URL with a host, got {v!r}")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError("must not carry a path, query or fragment (requests keep theirs)")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"bad port: {exc}") from None
+        return v.rstrip("/")
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.url).scheme
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+    @property
+    def authority(self) -> str:
+        """The upstream's own `Host` value (default ports omitted, as clients do)."""
+        default = 443 if self.scheme == "https" else 80
+        host = self.host if ":" not in self.host else f"[{self.host}]"
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+class UpstreamsSettings(_Frozen):
+    legacy: UpstreamSettings
+    new: UpstreamSettings
+
+
+class ServerSettings(_Frozen):
+    listen: str = "0.0.0.0:8080"
+    admin_listen: str = "0.0.0.0:8081"
+    workers: int = Field(default=1, ge=1, le=64)
+    # Above the ALB's 60 s idle timeout: the ALB must be the side that closes an idle
+    # connection, or it may send a request on a connection we are closing (ALB 502s).
+    keepalive_timeout: PositiveSeconds = 75.0
+    # SIGTERM: keep serving (readyz 503) this long so the ALB deregisters us, then stop
+    # accepting and wait up to shutdown_timeout for in-flight requests.
+    drain_delay: float = Field(default=10.0, ge=0)
+    shutdown_timeout: float = Field(default=20.0, ge=0)
+    max_request_line: int = Field(default=8190, ge=256)
+    max_header_size: int = Field(default=8190, ge=256)
+    max_headers: int = Field(default=100, ge=8)
+    # Adds `X-Routed-To` (target; reason) to responses; useful in staging, off in prod.
+    debug_headers: bool = False
+
+    @field_validator("listen", "admin_listen")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        _split_host_port(v)
+        return v
+
+    @property
+    def listen_addr(self) -> tuple[str, int]:
+        return _split_host_port(self.listen)
+
+    @property
+    def admin_addr(self) -> tuple[str, int]:
+        return _split_host_port(self.admin_listen)
+
+
+class AccessLogSettings(_Frozen):
+    enabled: bool = True
+    # Fraction of successful requests logged; errors (status >= 500 or an error code)
+    # are always logged.
+    sample_rate: float = Field(default=1.0, ge=0, le=1)
+
+
+class Settings(_Frozen):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    tenant: TenantSettings = Field(default_factory=TenantSettings)
+    flags: FlagSettings = Field(default_factory=FlagSettings)
+    upstreams: UpstreamsSettings
+    access_log: AccessLogSettings = Field(default_factory=AccessLogSettings)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Reserved for the cutover features; accepted now so the contract is stable.
+    ledger: str = "sqlite:///router-ledger.db"
+    admin_token: str | None = None
+    override_secret: str | None = None
+
+    @model_validator(mode="after")
+    def _flag_source_complete(self) -> Settings:
+        if self.flags.source == "file" and self.flags.file is None:
+            raise ValueError(
+                "flags.file (or ROUTER_FLAGS_FILE) is required when flags.source is 'file'"
+            )
+        if self.flags.source == "launchdarkly" and not self.flags.sdk_key:
+            raise ValueError(
+                "flags.sdk_key (or LAUNCHDARKLY_SDK_KEY) is required when flags.source is "
+                "'launchdarkly'"
+            )
+        return self
+
+
+# Environment variable -> (path in the settings tree, converter). DESIGN.md's contract.
+_ENV: dict[str, tuple[tuple[str, ...], Any]] = {
+    "ROUTER_LISTEN": (("server", "listen"), str),
+    "ROUTER_ADMIN_LISTEN": (("server", "admin_listen"), str),
+    "ROUTER_WORKERS": (("server", "workers"), str),
+    "ROUTER_LEGACY_URL": (("upstreams", "legacy", "url"), str),
+    "ROUTER_NEW_URL": (("upstreams", "new", "url"), str),
+    "ROUTER_FLAGS_SOURCE": (("flags", "source"), str),
+    "ROUTER_FLAGS_FILE": (("flags", "file"), lambda v: str(Path(v).absolute())),
+    "LAUNCHDARKLY_SDK_KEY": (("flags", "sdk_key"), str),
+    "ROUTER_LOG_LEVEL": (("log_level",), lambda v: v.lower()),
+    "ROUTER_LEDGER": (("ledger",), str),
+    "ROUTER_ADMIN_TOKEN": (("admin_token",), str),
+    "ROUTER_OVERRIDE_SECRET": (("override_secret",), str),
+}
+
+
+def _set_path(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    node = tree
+    for key in path[:-1]:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[path[-1]] = value
+
+
+def _apply_tenant_header(tree: dict[str, Any], header: str) -> None:
+    """ROUTER_TENANT_HEADER renames the header extractor, adding one first if there is none."""
+    tenant = tree.setdefault("tenant", {})
+    if not isinstance(tenant, dict):
+        return  # the validator reports the bad type
+    extractors = tenant.get("extractors")
+    if extractors is None:
+        extractors = [{"type": "header"}, {"type": "jwt"}]
+    if not isinstance(extractors, list):
+        return
+    extractors = [dict(e) if isinstance(e, dict) else e for e in extractors]
+    headers = [e for e in extractors if isinstance(e, dict) and e.get("type") == "header"]
+    if headers:
+        for extractor in headers:
+            extractor["name"] = header
+    else:
+        extractors.insert(0, {"type": "header", "name": header})
+    tenant["extractors"] = extractors
+
+
+def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
+    flags = tree.get("flags")
+    if isinstance(flags, dict) and isinstance(flags.get("file"), str):
+        flags["file"] = str((base / flags["file"]).resolve())
+    upstreams = tree.get("upstreams")
+    if isinstance(upstreams, dict):
+        for upstream in upstreams.values():
+            if isinstance(upstream, dict) and isinstance(upstream.get("ca_file"), str):
+                upstream["ca_file"] = str((base / upstream["ca_file"]).resolve())
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        # Drop the discriminator tags pydantic adds for tagged unions ("header", "jwt").
+        loc = ".".join(str(p) for p in err["loc"] if p not in ("header", "jwt", "host", "path"))
+        message = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc or 'config'}: {message}")
+    return "\n".join(lines)
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Read the YAML file (optional), apply environment overrides, validate.
+
+    Raises ConfigError naming every bad key. `env` defaults to `os.environ`.
+    """
+    env = os.environ if env is None else env
+    tree: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{file}: the top level must be a mapping of settings")
+        tree = loaded
+        _resolve_relative_paths(tree, file.resolve().parent)
+
+    for name, (key_path, convert) in _ENV.items():
+        value = env.get(name)
+        if value:
+            _set_path(tree, key_path, convert(value))
+    tenant_header = env.get("ROUTER_TENANT_HEADER")
+    if tenant_header:
+        _apply_tenant_header(tree, tenant_header)
+
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
