@@ -1,3 +1,3 @@
-"""router: tenant-routed streaming reverse proxy for zero-downtime migration between two backends."""
+"""router: tenant-routed streaming reverse proxy for zero-downtime migration."""
 
 __version__ = "0.1.0"

@@ -29,7 +29,9 @@ class AccessLog:
         loop: asyncio.AbstractEventLoop,
         sample_rate: float = 1.0,
         stream: IO[bytes] | None = None,
+        enabled: bool = True,
     ) -> None:
+        self.enabled = enabled
         self._loop = loop
         self._sample_rate = sample_rate
         self._stream = stream if stream is not None else sys.stdout.buffer
@@ -54,28 +56,38 @@ class AccessLog:
         error: str | None,
         client: str | None,
     ) -> None:
-        if error is None and status < 500 and self._sample_rate < 1.0 and self._random() >= self._sample_rate:
+        if not self.enabled:
             return
-        line = json.dumps(
-            {
-                "ts": round(time.time(), 3),
-                "type": "access",
-                "request_id": request_id,
-                "tenant": tenant,
-                "target": target,
-                "reason": reason,
-                "method": method,
-                "path": path,
-                "status": status,
-                "bytes_in": bytes_in,
-                "bytes_out": bytes_out,
-                "duration_ms": round(duration_ms, 3),
-                "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),
-                "error": error,
-                "client": client,
-            },
-            separators=(",", ":"),
-        ).encode() + b"\n"
+        if (
+            error is None
+            and status < 500
+            and self._sample_rate < 1.0
+            and self._random() >= self._sample_rate
+        ):
+            return
+        line = (
+            json.dumps(
+                {
+                    "ts": round(time.time(), 3),
+                    "type": "access",
+                    "request_id": request_id,
+                    "tenant": tenant,
+                    "target": target,
+                    "reason": reason,
+                    "method": method,
+                    "path": path,
+                    "status": status,
+                    "bytes_in": bytes_in,
+                    "bytes_out": bytes_out,
+                    "duration_ms": round(duration_ms, 3),
+                    "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),
+                    "error": error,
+                    "client": client,
+                },
+                separators=(",", ":"),
+            ).encode()
+            + b"\n"
+        )
         self._buffer.append(line)
         self._buffered += len(line)
         if self._buffered >= _FLUSH_BYTES:
@@ -115,7 +127,9 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in record.__dict__.items():
             if key not in self._RESERVED:
-                entry[key] = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+                entry[key] = (
+                    value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+                )
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry, separators=(",", ":"))

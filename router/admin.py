@@ -62,7 +62,7 @@ async def tenant(request: web.Request) -> web.Response:
             "upstream": app.settings.upstreams.legacy.url
             if route.target == "legacy"
             else app.settings.upstreams.new.url,
-            "inflight": {target: 0 for target in TARGETS},
+            "inflight": dict.fromkeys(TARGETS, 0),
             "held": 0,
             "ledgered": False,
         }

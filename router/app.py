@@ -280,7 +280,7 @@ class RouterApp:
         self.access_log = AccessLog(
             self.loop,
             settings.access_log.sample_rate,
-            stream=None if settings.access_log.enabled else _NullStream(),
+            enabled=settings.access_log.enabled,
         )
         self.request_ids = RequestIds()
         self.draining = False
@@ -318,11 +318,3 @@ class RouterApp:
             max_headers=s.max_headers,
             **kwargs,
         )
-
-
-class _NullStream:
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-    def flush(self) -> None:
-        pass

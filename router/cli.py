@@ -57,13 +57,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         try:
             data = read_flag_file(settings.flags.file)
             if settings.flags.flag_key not in data.get("flags", {}):
-                problems.append(f"flags.file: flag {settings.flags.flag_key!r} not in {settings.flags.file}")
+                problems.append(
+                    f"flags.file: flag {settings.flags.flag_key!r} not in {settings.flags.file}"
+                )
         except FlagFileError as exc:
             problems.append(f"flags.file: {exc}")
     if problems:
         raise ConfigError("\n".join(problems))
     print(f"config ok: {_config_path(args) or '(environment only)'}")
-    print(f"  listen {settings.server.listen}, admin {settings.server.admin_listen}, workers {settings.server.workers}")
+    print(
+        f"  listen {settings.server.listen}, admin {settings.server.admin_listen},"
+        f" workers {settings.server.workers}"
+    )
     print(f"  legacy {settings.upstreams.legacy.url}, new {settings.upstreams.new.url}")
     source = settings.flags.file if settings.flags.source == "file" else "LaunchDarkly"
     print(f"  flag {settings.flags.flag_key!r} from {source}")
@@ -81,7 +86,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"tenant    {result['tenant']}")
         print(f"target    {result['target']}  (reason: {result['reason']})")
         print(f"upstream  {result['upstream']}  (Host: {result['host_header']})")
-        print(f"flag      {result['flag_key']} = {result['flag_value']!r}  (source: {result['flag_source']})")
+        print(
+            f"flag      {result['flag_key']} = {result['flag_value']!r}"
+            f"  (source: {result['flag_source']})"
+        )
     return 1 if "error" in result else 0
 
 
@@ -160,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     flags_set = with_config(flags_sub.add_parser("set", help="route TENANT to a side"))
     flags_set.add_argument("tenant")
     flags_set.add_argument("value", choices=["legacy", "hold", "new"])
-    flags_set.add_argument("--file", type=Path, help="flag file (default: flags.file of the config)")
+    flags_set.add_argument(
+        "--file", type=Path, help="flag file (default: flags.file of the config)"
+    )
     flags_set.add_argument("--flag-key", default="tenant-routing")
     flags_set.set_defaults(func=cmd_flags_set)
     return parser

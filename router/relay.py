@@ -56,7 +56,9 @@ def valid_request_id(value: str | None) -> bool:
     return value is not None and _REQUEST_ID.fullmatch(value) is not None
 
 
-def connection_tokens(raw_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]]) -> frozenset[bytes]:
+def connection_tokens(
+    raw_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]],
+) -> frozenset[bytes]:
     """Field names listed in Connection (they are hop-by-hop for this message)."""
     names: set[bytes] = set()
     for name, value in raw_headers:
@@ -103,13 +105,22 @@ def build_request_head(
     chunked: bool,
 ) -> bytes:
     raw_headers = request.raw_headers
-    connection_named = connection_tokens(raw_headers) if b"Connection" in request.headers else frozenset()
+    connection_named = (
+        connection_tokens(raw_headers) if "Connection" in request.headers else frozenset()
+    )
     host = (
         info.host.encode("latin-1")
         if pool.settings.host_header == "preserve" and info.host
         else pool.authority
     )
-    parts = [request.method.encode("ascii"), b" ", info.target, b" HTTP/1.1\r\nHost: ", host, b"\r\n"]
+    parts = [
+        request.method.encode("ascii"),
+        b" ",
+        info.target,
+        b" HTTP/1.1\r\nHost: ",
+        host,
+        b"\r\n",
+    ]
     append = parts.append
     forwarded_for = b""
     forwarded_proto = b""
@@ -189,7 +200,9 @@ class ProxyResponse(web.StreamResponse):
             headers["Connection"] = "keep-alive"
 
 
-def response_headers(upstream: UpstreamResponse, request_id: str, routed_to: str | None) -> CIMultiDict[str]:
+def response_headers(
+    upstream: UpstreamResponse, request_id: str, routed_to: str | None
+) -> CIMultiDict[str]:
     named = connection_tokens(upstream.headers)
     headers: CIMultiDict[str] = CIMultiDict()
     add = headers.add
@@ -218,7 +231,12 @@ class Exchange:
         self.connect_seconds = 0.0  # time to open a new connection (0 when one was reused)
 
     async def send(
-        self, request: web.BaseRequest, pool: UpstreamPool, head: bytes, has_body: bool, chunked: bool
+        self,
+        request: web.BaseRequest,
+        pool: UpstreamPool,
+        head: bytes,
+        has_body: bool,
+        chunked: bool,
     ) -> UpstreamResponse:
         """Send the request and return the response head; retries once where safe."""
         method = request.method
@@ -234,7 +252,9 @@ class Exchange:
             # upstream closed it as we reused it (the stale-connection race). Resend once on
             # a fresh connection if the request can be replayed: no body was consumed, and
             # the method is idempotent.
-            if not (reused and not conn.received_any and not has_body and method in RETRYABLE_METHODS):
+            if not (
+                reused and not conn.received_any and not has_body and method in RETRYABLE_METHODS
+            ):
                 raise
         conn = await pool.connect()
         return await self._attempt(conn, request, pool, head, has_body, chunked)
@@ -251,7 +271,9 @@ class Exchange:
         self.conn = conn
         conn.start_request(head, request.method == "HEAD")
         if has_body:
-            body_task = self.body_task = asyncio.ensure_future(self._send_body(request, conn, chunked))
+            body_task = self.body_task = asyncio.ensure_future(
+                self._send_body(request, conn, chunked)
+            )
             head_waiter = conn.head_waiter
             # The upstream may answer before reading the whole body (an early 413, say): wait
             # for whichever comes first, then give the response-header timeout to the rest.
@@ -262,7 +284,9 @@ class Exchange:
         self.upstream_status = response.status
         return response
 
-    async def _send_body(self, request: web.BaseRequest, conn: UpstreamConnection, chunked: bool) -> None:
+    async def _send_body(
+        self, request: web.BaseRequest, conn: UpstreamConnection, chunked: bool
+    ) -> None:
         content: StreamReader = request.content
         if request.headers.get("Expect", "").lower() == "100-continue":
             # Answer the client's Expect ourselves (the Expect field is not forwarded) once

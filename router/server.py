@@ -66,13 +66,11 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
     flags_started = asyncio.ensure_future(app.start())
 
     stop = asyncio.Event()
-    fast = False
+    hurry = asyncio.Event()  # SIGINT, or a second signal: skip the drain delay
 
     def on_signal(signum: int) -> None:
-        nonlocal fast
-        if stop.is_set():
-            fast = True  # a second signal: stop waiting
-        fast = fast or signum == signal.SIGINT
+        if stop.is_set() or signum == signal.SIGINT:
+            hurry.set()
         stop.set()
         app.draining = True  # step 1: readyz 503 from now on
 
@@ -91,20 +89,23 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
         },
     )
     await stop.wait()
+    fast = hurry.is_set()
     log.info("draining", extra={"drain_delay": 0 if fast else server_settings.drain_delay})
 
     # Step 2: keep serving while the load balancer deregisters us.
     if not fast and server_settings.drain_delay > 0:
-        deadline = loop.time() + server_settings.drain_delay
-        while not fast and loop.time() < deadline:
-            await asyncio.sleep(min(0.1, deadline - loop.time()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hurry.wait(), server_settings.drain_delay)
+        fast = hurry.is_set()
     # Step 3: stop accepting. Idle keep-alive connections are closed; busy ones close after
     # their current response.
     listener.close()
     proxy.pre_shutdown()
     # Step 4: in-flight requests finish, within the bound.
     # An operator's Ctrl-C still lets requests in flight finish, but only briefly.
-    timeout = min(server_settings.shutdown_timeout, 2.0) if fast else server_settings.shutdown_timeout
+    timeout = (
+        min(server_settings.shutdown_timeout, 2.0) if fast else server_settings.shutdown_timeout
+    )
     await proxy.shutdown(timeout)
     with contextlib.suppress(Exception):
         await listener.wait_closed()

@@ -544,9 +544,7 @@ class UpstreamPool:
 
 def _make_ssl_context(settings: UpstreamSettings) -> ssl.SSLContext:
     """Built once per pool: verification on by default, system CAs or the configured file."""
-    context = ssl.create_default_context(
-        cafile=str(settings.ca_file) if settings.ca_file else None
-    )
+    context = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
     if not settings.verify_tls:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE

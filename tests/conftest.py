@@ -1,0 +1,342 @@
+"""Shared fixtures: real upstream servers on loopback, a flag file, and a running router.
+
+Nothing here is mocked: backends are aiohttp servers (or raw asyncio socket servers for
+upstreams that misbehave on purpose), flags come from the LaunchDarkly SDK's own file
+data source, and the router listens on a real socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from router.admin import build_admin_app
+from router.app import RouterApp
+from router.flagfile import set_tenants
+from router.settings import Settings
+
+# ---- backends ------------------------------------------------------------------------
+
+_CHUNK = b"x" * 65536
+
+
+def make_backend(side: str) -> web.Application:
+    """An upstream that says which side it is and exactly what it received."""
+
+    async def echo(request: web.Request) -> web.Response:
+        digest = hashlib.sha256()
+        size = 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            size += len(chunk)
+        body = {
+            "side": side,
+            "method": request.method,
+            "target": request.raw_path,
+            "headers": [[k.decode("latin-1"), v.decode("latin-1")] for k, v in request.raw_headers],
+            "body_bytes": size,
+            "body_sha256": digest.hexdigest(),
+            "chunked": "chunked" in request.headers.get("Transfer-Encoding", ""),
+        }
+        return web.json_response(body, headers={"X-Backend-Side": side})
+
+    async def stream_bytes(request: web.Request) -> web.StreamResponse:
+        size = int(request.match_info["n"])
+        response = web.StreamResponse(headers={"X-Backend-Side": side})
+        if request.query.get("framing") == "length":
+            response.content_length = size
+        else:
+            response.enable_chunked_encoding()
+        await response.prepare(request)
+        remaining = size
+        while remaining > 0:
+            chunk = _CHUNK if remaining >= len(_CHUNK) else _CHUNK[:remaining]
+            await response.write(chunk)
+            remaining -= len(chunk)
+        await response.write_eof()
+        return response
+
+    async def status(request: web.Request) -> web.Response:
+        code = int(request.match_info["code"])
+        headers = {"X-Backend-Side": side, "ETag": '"v1"'}
+        if code in (204, 304):
+            return web.Response(status=code, headers=headers)
+        return web.Response(status=code, text=f"status {code}", headers=headers)
+
+    async def redirect(request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": "/elsewhere", "X-Backend-Side": side})
+
+    async def gzipped(request: web.Request) -> web.Response:
+        import gzip
+
+        payload = gzip.compress(b"hello compressed world" * 100)
+        return web.Response(
+            body=payload,
+            headers={
+                "Content-Encoding": "gzip",
+                "Content-Type": "text/plain",
+                "X-Backend-Side": side,
+            },
+        )
+
+    async def hop_by_hop(request: web.Request) -> web.Response:
+        return web.Response(
+            text="hop",
+            headers={
+                "Connection": "X-Secret-Hop",
+                "X-Secret-Hop": "must-not-pass",
+                "Keep-Alive": "timeout=5",
+                "Proxy-Connection": "keep-alive",
+                "Upgrade": "h2c",
+                "X-End-To-End": "kept",
+                "X-Backend-Side": side,
+            },
+        )
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.match_info["seconds"]))
+        return web.Response(text="slow", headers={"X-Backend-Side": side})
+
+    app = web.Application(client_max_size=1 << 40)
+    app.router.add_route("*", "/__bytes/{n}", stream_bytes)
+    app.router.add_route("*", "/__status/{code}", status)
+    app.router.add_get("/__redirect", redirect)
+    app.router.add_get("/__gzip", gzipped)
+    app.router.add_get("/__hop", hop_by_hop)
+    app.router.add_get("/__slow/{seconds}", slow)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+@dataclass
+class Backends:
+    legacy: TestServer
+    new: TestServer
+
+    def url(self, side: str) -> str:
+        server = self.legacy if side == "legacy" else self.new
+        return f"http://127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+async def backends(aiohttp_server: Any) -> Backends:
+    # auto_decompress=False: the backends must report the bytes they were sent.
+    legacy = await aiohttp_server(make_backend("legacy"), auto_decompress=False)
+    new = await aiohttp_server(make_backend("new"), auto_decompress=False)
+    return Backends(legacy, new)
+
+
+# ---- raw upstreams that misbehave ----------------------------------------------------
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@dataclass
+class RawUpstream:
+    port: int
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+async def read_request_head(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[Callable[[RawHandler], Awaitable[RawUpstream]]]:
+    servers: list[asyncio.Server] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def start(handler: RawHandler) -> RawUpstream:
+        upstream = RawUpstream(port=0)
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            upstream.connections += 1
+            writers.append(writer)
+            try:
+                await handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        servers.append(server)
+        upstream.port = server.sockets[0].getsockname()[1]
+        return upstream
+
+    yield start
+    for writer in writers:
+        writer.close()
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def refused_url() -> str:
+    """A loopback URL nothing listens on (bound then closed: connect is refused)."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+# ---- flags ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def flag_file(tmp_path: Path) -> Path:
+    """acme -> legacy, globex -> new, everyone else legacy (fallthrough)."""
+    path = tmp_path / "flags.json"
+    set_tenants(path, ["acme"], "legacy", create=True)
+    set_tenants(path, ["globex"], "new")
+    return path
+
+
+# ---- the router ----------------------------------------------------------------------
+
+
+def router_settings(
+    legacy_url: str, new_url: str, flag_file: Path | None, **overrides: Any
+) -> Settings:
+    tree: dict[str, Any] = {
+        "server": {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "debug_headers": True},
+        "tenant": {
+            "extractors": [
+                {"type": "header", "name": "X-Tenant-Id"},
+                {"type": "jwt", "claim": "iss"},
+                {"type": "host", "pattern": "{tenant}.tenants.test"},
+                {"type": "path", "pattern": "/t/{tenant}/"},
+            ]
+        },
+        "flags": {
+            "source": "file",
+            "file": str(flag_file) if flag_file else None,
+            "poll_interval": 0.1,
+        },
+        "upstreams": {"legacy": {"url": legacy_url}, "new": {"url": new_url}},
+        "access_log": {"enabled": False},
+    }
+    for dotted, value in overrides.items():
+        node = tree
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return Settings.model_validate(tree)
+
+
+@dataclass
+class RunningRouter:
+    app: RouterApp
+    port: int
+    admin_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+
+StartRouter = Callable[..., Awaitable[RunningRouter]]
+
+
+@pytest.fixture
+async def start_router() -> AsyncIterator[StartRouter]:
+    """Start routers in-process on free ports; each waits for flag data unless told not to."""
+    cleanups: list[Callable[[], Awaitable[None]]] = []
+
+    async def start(settings: Settings, wait_ready: bool = True) -> RunningRouter:
+        loop = asyncio.get_running_loop()
+        app = RouterApp(settings, loop)
+        proxy = app.proxy_server()
+        listener = await loop.create_server(proxy, "127.0.0.1", 0)
+        admin = web.AppRunner(build_admin_app(app), access_log=None)
+        await admin.setup()
+        site = web.TCPSite(admin, "127.0.0.1", 0)
+        await site.start()
+        admin_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+        async def cleanup() -> None:
+            listener.close()
+            await proxy.shutdown(0.5)
+            await admin.cleanup()
+            await app.close()
+
+        cleanups.append(cleanup)
+        await app.flags.start(wait=5.0 if wait_ready else 0.0)
+        if wait_ready:
+            assert app.flags.ready, "flag data did not load"
+        return RunningRouter(app, listener.sockets[0].getsockname()[1], admin_port)
+
+    yield start
+    for cleanup in reversed(cleanups):
+        await cleanup()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    # auto_decompress=False: tests must see exactly the bytes the router relayed.
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+@pytest.fixture
+async def router(backends: Backends, flag_file: Path, start_router: StartRouter) -> RunningRouter:
+    return await start_router(
+        router_settings(backends.url("legacy"), backends.url("new"), flag_file)
+    )
+
+
+def echo_headers(body: dict[str, Any]) -> dict[str, list[str]]:
+    """Headers the echo backend received, lower-cased name -> values in order."""
+    seen: dict[str, list[str]] = {}
+    for name, value in body["headers"]:
+        seen.setdefault(name.lower(), []).append(value)
+    return seen
+
+
+async def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes to the router, read until it closes (or the timeout)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        chunks = []
+        try:
+            async with asyncio.timeout(timeout):
+                while chunk := await reader.read(65536):
+                    chunks.append(chunk)
+        except TimeoutError:
+            pass
+        return b"".join(chunks)
+    finally:
+        writer.close()
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    _, _, body = raw.partition(b"\r\n\r\n")
+    result: dict[str, Any] = json.loads(body)
+    return result
