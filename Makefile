@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG := config/router.yaml
 FLAGS := config/flags.json
-SOURCES := router tests loadtests
+SOURCES := $(wildcard router tests loadtests)
 
 SHELL := /bin/bash
 
