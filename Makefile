@@ -11,7 +11,7 @@ SOURCES := $(wildcard router tests loadtests)
 
 SHELL := /bin/bash
 
-.PHONY: venv run test lint typecheck clean distclean
+.PHONY: venv run test lint typecheck bench clean distclean
 
 # The venv is (re)installed only when pyproject.toml is newer than the stamp.
 venv: $(STAMP)
@@ -47,6 +47,10 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
+
+# Side-by-side throughput/latency/memory benchmark (issue 3); see loadtests/README.md.
+bench: $(STAMP)
+	$(BIN)/python loadtests/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

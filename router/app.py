@@ -15,16 +15,17 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from router.accesslog import AccessLog
 from router.errors import (
     RETRY_AFTER_SECONDS,
     BadRequest,
+    ClientError,
     HeadersTooLarge,
     MethodNotAllowed,
     NotReady,
@@ -66,6 +67,28 @@ def error_response(error: RouterError, request_id: str) -> web.Response:
     return response
 
 
+# aiohttp's message for a header section with more than max_headers fields (both parsers).
+_TOO_MANY_HEADERS: Final = "Too many headers received"
+
+
+def parse_error(exc: BaseException | None, message: str | None, target_limit: int) -> ClientError:
+    """The error for a request aiohttp's parser refused.
+
+    aiohttp raises LineTooLong for an over-long request target and an over-long header field
+    alike; its `args` are (line, limit crossed, size) in both its parsers, and the limit is
+    the only reliable sign of which one it was (the message quotes client bytes, so
+    matching words in it lets a client choose the answer). `target_limit` is kept distinct
+    from the header limit for that reason (`RouterApp.proxy_server`).
+    """
+    if isinstance(exc, LineTooLong):
+        if len(exc.args) > 1 and str(exc.args[1]) == str(target_limit):
+            return UriTooLong("request line too long")
+        return HeadersTooLarge("request header field too large")
+    if isinstance(exc, BadHttpMessage) and exc.message == _TOO_MANY_HEADERS:
+        return HeadersTooLarge("too many request header fields")
+    return BadRequest(f"malformed request: {message or exc or 'bad request'}"[:300])
+
+
 class RequestIds:
     """Request ids unique across workers and restarts: a random per-process prefix + a counter."""
 
@@ -102,6 +125,22 @@ class ProxyHandler:
         self._debug_headers = app.settings.server.debug_headers
         self._request_ids = app.request_ids
         self._state = app
+
+    def reject(self, error: RouterError, client: str | None) -> web.Response:
+        """Answer a request that never reached __call__ (aiohttp refused to parse it) with
+        the same JSON body, a request id, and a record phase like every other local reply."""
+        request_id = self._request_ids.next()
+        self._metrics.local_reply("-", error.status)
+        self._access_log.record(
+            request_id, None, "none", "none", "-", "-", error.status, 0, 0, 0.0, None,
+            error.code, client,
+        )  # fmt: skip
+        response = error_response(error, request_id)
+        # Whatever follows on the connection cannot be trusted: close it, and say so
+        # explicitly, as aiohttp's stand-in for an unparsed request is HTTP/1.0.
+        response.force_close()
+        response.headers["Connection"] = "close"
+        return response
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         # perf_counter, not loop.time(): uvloop's clock has millisecond resolution.
@@ -222,6 +261,32 @@ class JsonErrorRequestHandler(RequestHandler):
     request line or the header section is over the limit.
     """
 
+    __slots__ = ("_proxy", "_target_limit")
+
+    def __init__(self, manager: ProxyServer, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        # Per-connection state
+        self._proxy = manager.proxy
+        self._target_limit = manager.target_limit
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # A parse error in the body of a request already being handled (a bad chunk size
+        # that arrives after the head) is queued by aiohttp as the *next* message, while the
+        # handler's body stream stays open, waiting for bytes that will never be parsed:
+        # the request, and the upstream connection it holds, would hang until the client
+        # leaves. Fail that body stream instead, and end it, so that aiohttp does not try
+        # to read ("linger" on) the rest after the 400. One check per read, on a queue that
+        # is empty while a request is being handled unless the client pipelines.
+        messages = self._messages
+        if messages and isinstance(messages[-1][0], _ErrInfo):
+            request = self._current_request
+            if request is not None and not request.content.is_eof():
+                error = messages[-1][0]
+                body = request.content
+                body.set_exception(parse_error(error.exc, error.message, self._target_limit))
+                body.feed_eof()
+
     def handle_error(
         self,
         request: web.BaseRequest,
@@ -229,31 +294,28 @@ class JsonErrorRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started")
+        if isinstance(exc, ConnectionError) or request.writer.output_size > 0:
+            # The client is gone (ProxyHandler re-raises its disconnects), or the response
+            # has started: there is nobody, or no way, to answer. aiohttp drops the
+            # connection quietly on ConnectionError.
+            raise ConnectionError("client disconnected or response already started")
         error: RouterError
-        if isinstance(exc, LineTooLong):
-            text = str(exc).lower()
-            error = (
-                UriTooLong("request line too long")
-                if "status line" in text or "request line" in text or "url" in text
-                else HeadersTooLarge("request header section too large")
-            )
-        elif isinstance(exc, BadHttpMessage) and "too many headers" in str(exc).lower():
-            error = HeadersTooLarge("too many request headers")
-        elif status == 400 or isinstance(exc, BadHttpMessage):
-            error = BadRequest(f"malformed request: {message or exc or 'bad request'}"[:300])
+        if status == 400 or isinstance(exc, BadHttpMessage):
+            error = parse_error(exc, message, self._target_limit)
+            self.log_debug("rejected request", exc_info=exc)
         else:
             log.error("error handling request", exc_info=exc)
             error = RouterError("internal error")
-        self.log_debug("rejected request", exc_info=exc)
-        response = error_response(error, "-")
-        response.force_close()
-        return response
+        return self._proxy.reject(error, request.remote)
 
 
 class ProxyServer(web.Server):
     """aiohttp's low-level server (no URL dispatcher: every request goes to one handler)."""
+
+    def __init__(self, proxy: ProxyHandler, *, target_limit: int, **kwargs: Any) -> None:
+        super().__init__(proxy, max_line_size=target_limit, **kwargs)
+        self.proxy = proxy
+        self.target_limit = target_limit
 
     def __call__(self) -> RequestHandler:
         return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
@@ -306,14 +368,22 @@ class RouterApp:
 
     def proxy_server(self, **kwargs: Any) -> ProxyServer:
         s = self.settings.server
+        # aiohttp applies max_line_size to the request target alone, and says which of its
+        # two line limits a request crossed only by the limit's value (`parse_error`), so
+        # the two must differ. When configured equal, the target gets one byte less: a
+        # target that long makes a request line (`GET ` + target + ` HTTP/1.1`) over the
+        # limit anyway, so no request line within the limit is refused.
+        target_limit = s.max_request_line
+        if target_limit == s.max_header_size:
+            target_limit -= 1
         return ProxyServer(
             ProxyHandler(self),
+            target_limit=target_limit,
             loop=self.loop,
             access_log=None,
             # Request bodies are relayed as sent, never decompressed.
             auto_decompress=False,
             keepalive_timeout=s.keepalive_timeout,
-            max_line_size=s.max_request_line,
             max_field_size=s.max_header_size,
             max_headers=s.max_headers,
             **kwargs,

@@ -37,7 +37,9 @@ def _config_path(args: argparse.Namespace) -> str | None:
 
 def _load(args: argparse.Namespace) -> Settings:
     env = dict(os.environ)
-    if getattr(args, "workers", None):
+    # `is not None`, not truthiness: `--workers 0` must be rejected (exit 2), not silently
+    # replaced by the configured value.
+    if getattr(args, "workers", None) is not None:
         env["ROUTER_WORKERS"] = str(args.workers)
     return load_settings(_config_path(args), env)
 
@@ -123,16 +125,23 @@ async def _explain(settings: Settings, tenant: str) -> dict[str, Any]:
 
 
 def cmd_flags_set(args: argparse.Namespace) -> int:
-    from router.flagfile import FlagFileError, set_tenant
+    from router.flagfile import DEFAULT_FLAG_KEY, FlagFileError, set_tenant
 
     path = args.file
-    if path is None:
+    flag_key = args.flag_key
+    if path is None or args.config is not None:
         settings = _load(args)
-        if settings.flags.file is None:
-            raise ConfigError("flags.file: no flag file configured; pass --file")
-        path = settings.flags.file
+        if path is None:
+            if settings.flags.file is None:
+                raise ConfigError("flags.file: no flag file configured; pass --file")
+            path = settings.flags.file
+        # The flag the router reads (flags.flag_key), not always "tenant-routing": with
+        # another key configured, `flags set` wrote a flag the router never evaluates.
+        flag_key = flag_key or settings.flags.flag_key
     try:
-        previous = set_tenant(Path(path), args.tenant, args.value, flag_key=args.flag_key)
+        previous = set_tenant(
+            Path(path), args.tenant, args.value, flag_key=flag_key or DEFAULT_FLAG_KEY
+        )
     except FlagFileError as exc:
         print(f"router flags set: {exc}", file=sys.stderr)
         return 1
@@ -171,7 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     flags_set.add_argument(
         "--file", type=Path, help="flag file (default: flags.file of the config)"
     )
-    flags_set.add_argument("--flag-key", default="tenant-routing")
+    flags_set.add_argument(
+        "--flag-key",
+        help="flag to edit (default: the config's flags.flag_key when the config is read,"
+        " i.e. without --file or with --config; else tenant-routing)",
+    )
     flags_set.set_defaults(func=cmd_flags_set)
     return parser
 

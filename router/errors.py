@@ -9,21 +9,23 @@ an SRE can grep, graph and alert on it. Codes are a contract (DESIGN.md): add, n
     │   ├── bad_request             400  malformed request, or one we refuse to forward
     │   ├── method_not_allowed      405  CONNECT: this is not a forward proxy
     │   ├── uri_too_long            414  request line over the limit
-    │   └── headers_too_large       431  header section over the limits
+    │   └── headers_too_large       431  a header field over the limit, or too many fields
     ├── UpstreamError               source=upstream: the chosen backend failed us
     │   ├── upstream_connect_failed 502  refused, unreachable, TLS handshake failed
     │   ├── upstream_reset          502  connection closed/reset before a complete response head
-    │   ├── upstream_bad_response   502  broken framing, invalid Content-Length, bad status line
-    │   └── upstream_timeout        504  connect, response-header or body-read timeout
+    │   ├── upstream_bad_response   502  broken framing, invalid Content-Length, bad status line,
+    │   │                                a transfer coding other than chunked, head over the limits
+    │   └── upstream_timeout        504  connect (TLS handshake included), response head, body
+    │                                    read, or the upstream no longer reading the request body
     └── InternalError               source=internal
         ├── not_ready               503  no flag data yet (the LB should not have sent this)
         ├── draining                503  shutting down (ditto)
         └── internal_error          500  a bug: logged with its traceback
 
 `retryable` says whether the *client* may safely retry (the request did not reach the
-backend, or the router itself refused it); the router never retries on its own except the
-one case the upstream pool handles (a reused connection that died before the request was
-sent).
+backend, or the router itself refused it); the router never retries on its own except in
+one case (`relay.Exchange.send`): a reused keep-alive connection that died before any byte
+of the response, for an idempotent request without a body.
 """
 
 from __future__ import annotations

@@ -20,8 +20,11 @@ logged by the SDK and ignored: the last good flags stay in force.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import ldclient
@@ -57,6 +60,8 @@ class FlagSource:
         self._on_ready: list[ChangeCallback] = []
         self.updates = 0  # change events seen for our flag
         self.state = "initializing"
+        self._constructing: asyncio.Future[Any] | None = None  # LDClient() in its thread
+        self._closing = asyncio.Event()
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -91,24 +96,64 @@ class FlagSource:
         /readyz stays 503 (the load balancer sends no traffic) until it arrives.
         """
         wait = self.settings.start_wait if wait is None else wait
+        await self._start_client()
+        deadline = self._loop.time() + wait
+        while not self._ready and self._loop.time() < deadline and not self._closing.is_set():
+            await asyncio.sleep(0.05)
+            self._refresh_ready()
+
+    async def _start_client(self) -> None:
         config = self._config()
-        self._client = await self._loop.run_in_executor(
-            None, lambda: ldclient.LDClient(config, start_wait=0)
-        )
-        client = self._client
+        file = self.settings.file if self.settings.source == "file" else None
+        while True:
+            before = await self._file_identity(file)
+            constructing = self._loop.run_in_executor(
+                None, lambda: ldclient.LDClient(config, start_wait=0)
+            )
+            self._constructing = constructing
+            # shield: if the caller is cancelled (shutdown before flag data), the constructor
+            # still runs to its end in its thread; close() collects that client and closes
+            # it, instead of leaking its threads.
+            client = await asyncio.shield(constructing)
+            if self._closing.is_set():
+                return  # close() owns it
+            self._constructing = None
+            # Fix: the SDK's file source loads the file once, THEN takes the poller's first
+            # mtime reading as its baseline. A write between the two (a flip, or the file
+            # being created, while the router starts) was never loaded: the router routed
+            # by stale data, or stayed not ready, until the file's next write. If the file
+            # changed while the SDK started, start it again: the new one reads it afresh.
+            if await self._file_identity(file) == before:
+                break
+            log.info("flags file changed while the SDK started; restarting it to reload")
+            await self._loop.run_in_executor(None, client.close)
+        self._client = client
         # Listeners first, then the initial check, so no transition is missed.
         client.flag_tracker.add_listener(self._flag_changed_threadsafe)
         client.data_source_status_provider.add_listener(self._status_changed_threadsafe)
         self._refresh_ready()
-        deadline = self._loop.time() + wait
-        while not self._ready and self._loop.time() < deadline:
-            await asyncio.sleep(0.05)
-            self._refresh_ready()
+
+    async def _file_identity(self, file: Path | None) -> tuple[int, int, int] | None:
+        """(inode, mtime ns, size) of the flags file; None if there is none (yet)."""
+        if file is None:
+            return None
+        try:
+            st = await self._loop.run_in_executor(None, os.stat, file)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
 
     async def close(self) -> None:
+        self._closing.set()
         client, self._client = self._client, None
+        constructing, self._constructing = self._constructing, None
+        if client is None and constructing is not None:
+            with contextlib.suppress(Exception):
+                client = await constructing
         self._ready = False
         if client is not None:
+            client.flag_tracker.remove_listener(self._flag_changed_threadsafe)
+            client.data_source_status_provider.remove_listener(self._status_changed_threadsafe)
             # close() joins SDK threads (and flushes events): keep it off the loop.
             await self._loop.run_in_executor(None, client.close)
 
@@ -136,10 +181,17 @@ class FlagSource:
 
     def _flag_changed_threadsafe(self, change: Any) -> None:
         if change.key == self.flag_key:
-            self._loop.call_soon_threadsafe(self._flag_changed)
+            self._call_soon(self._flag_changed)
 
     def _status_changed_threadsafe(self, status: DataSourceStatus) -> None:
-        self._loop.call_soon_threadsafe(self._status_changed, status.state.value)
+        self._call_soon(self._status_changed, status.state.value)
+
+    def _call_soon(self, callback: Callable[..., None], *args: Any) -> None:
+        # An SDK thread may still deliver an event while (or after) the loop closes, e.g.
+        # the poller's last reload racing close(): nothing is left to tell, and raising
+        # here would only make the SDK log a traceback from its thread.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(callback, *args)
 
     # ---- on the loop -------------------------------------------------------------------
 

@@ -272,7 +272,7 @@ class Exchange:
         conn.start_request(head, request.method == "HEAD")
         if has_body:
             body_task = self.body_task = asyncio.ensure_future(
-                self._send_body(request, conn, chunked)
+                self._send_body(request, conn, chunked, pool.response_header_timeout)
             )
             head_waiter = conn.head_waiter
             # The upstream may answer before reading the whole body (an early 413, say): wait
@@ -285,8 +285,9 @@ class Exchange:
         return response
 
     async def _send_body(
-        self, request: web.BaseRequest, conn: UpstreamConnection, chunked: bool
+        self, request: web.BaseRequest, conn: UpstreamConnection, chunked: bool, timeout: float
     ) -> None:
+        """Stream the request body; `timeout` bounds each wait for the upstream to read."""
         content: StreamReader = request.content
         if request.headers.get("Expect", "").lower() == "100-continue":
             # Answer the client's Expect ourselves (the Expect field is not forwarded) once
@@ -304,7 +305,7 @@ class Exchange:
                 write(b"\r\n")
             else:
                 write(chunk)
-            await conn.drain()
+            await conn.drain(timeout)
         if chunked:
             write(_CHUNK_END)
 
@@ -340,10 +341,16 @@ class Exchange:
         """Return the connection to the pool if it is clean, else drop it."""
         conn, self.conn = self.conn, None
         body_task, self.body_task = self.body_task, None
-        if body_task is not None and not body_task.done():
+        if body_task is not None and (
+            not body_task.done() or body_task.cancelled() or body_task.exception() is not None
+        ):
+            # The request body was not fully sent (the upstream answered early, then the
+            # client left or its body turned out malformed): the upstream still expects the
+            # rest, and would read the next request's head as body. exception() above also
+            # marks a failure as seen, so asyncio does not log it as never retrieved.
             body_task.cancel()
             if conn is not None:
-                conn.abort()  # the request was not fully sent: the connection is unusable
+                conn.abort()
         if conn is not None:
             pool.release(conn)
 

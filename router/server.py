@@ -55,11 +55,21 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
     admin_runner = web.AppRunner(build_admin_app(app), access_log=None, handle_signals=False)
     await admin_runner.setup()
     admin_host, admin_port = server_settings.admin_addr
-    await web.TCPSite(admin_runner, admin_host, admin_port, reuse_port=reuse_port).start()
-
+    admin_site = web.TCPSite(admin_runner, admin_host, admin_port, reuse_port=reuse_port)
     proxy = app.proxy_server()
     host, port = server_settings.listen_addr
-    listener = await loop.create_server(proxy, host, port, reuse_port=reuse_port, backlog=4096)
+    # A port in use (or a privileged one) is an operator's problem, not a bug: say which
+    # listener in one log line and exit 1, rather than dying with a traceback.
+    which = f"server.admin_listen {server_settings.admin_listen}"
+    try:
+        await admin_site.start()
+        which = f"server.listen {server_settings.listen}"
+        listener = await loop.create_server(proxy, host, port, reuse_port=reuse_port, backlog=4096)
+    except OSError as exc:
+        log.error(f"cannot listen on {which}: {exc.strerror or exc}")
+        await admin_runner.cleanup()
+        await app.close()
+        return 1
 
     # Flags load in the background: until they do, /readyz says 503 and the proxy answers
     # 503 not_ready, so a load balancer never routes by default values.
@@ -67,8 +77,13 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
 
     stop = asyncio.Event()
     hurry = asyncio.Event()  # SIGINT, or a second signal: skip the drain delay
+    # A second signal: skip what is left of step 4 too (the module docstring's promise,
+    # which the code did not keep: a second signal only ever cut the drain delay).
+    now = asyncio.Event()
 
     def on_signal(signum: int) -> None:
+        if stop.is_set():
+            now.set()
         if stop.is_set() or signum == signal.SIGINT:
             hurry.set()
         stop.set()
@@ -86,6 +101,10 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
             "new": settings.upstreams.new.url,
             "flag_source": settings.flags.source,
             "pid": os.getpid(),
+            # The ports actually bound: with port 0 in the config (tests, ad-hoc runs) the
+            # configured strings above do not say where the router listens.
+            "port": _bound_port(listener.sockets),
+            "admin_port": _bound_port(getattr(admin_site._server, "sockets", ())),
         },
     )
     await stop.wait()
@@ -106,7 +125,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
     timeout = (
         min(server_settings.shutdown_timeout, 2.0) if fast else server_settings.shutdown_timeout
     )
-    await proxy.shutdown(timeout)
+    await _finish_in_flight(proxy, timeout, now)
     with contextlib.suppress(Exception):
         await listener.wait_closed()
     # Step 5: release resources.
@@ -116,6 +135,44 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
     await app.close()
     log.info("stopped")
     return 0
+
+
+async def _finish_in_flight(proxy: web.Server, timeout: float, now: asyncio.Event) -> None:
+    """Let in-flight requests finish for up to `timeout` s (or until `now`), then cancel them.
+
+    Not a bare `proxy.shutdown(timeout)`: aiohttp waits up to `timeout` for each handler,
+    then cancels only the request *body* and waits up to `timeout` AGAIN for the handler.
+    A handler waiting on its upstream used both waits, so SIGINT took 4 s instead of 2 and
+    SIGTERM up to drain_delay + 2 x shutdown_timeout, past what ECS's stopTimeout allows.
+    """
+    shutdown = asyncio.ensure_future(proxy.shutdown(timeout))
+    interrupted = asyncio.ensure_future(now.wait())
+    try:
+        await asyncio.wait(
+            {shutdown, interrupted}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        interrupted.cancel()
+    if shutdown.done():
+        return
+    # Out of patience: cancel the handlers still running (aiohttp's shutdown then closes
+    # their connections at once). `_task_handler` is aiohttp's private name for the task
+    # serving a connection; without it we fall back to aiohttp's own, slower, bound.
+    for conn in proxy.connections:
+        task = getattr(conn, "_task_handler", None)
+        if isinstance(task, asyncio.Task) and not task.done():
+            task.cancel()
+    with contextlib.suppress(TimeoutError):
+        # shield: on timeout, leave aiohttp's shutdown to finish in the background rather
+        # than interrupting it half-way through closing connections.
+        await asyncio.wait_for(asyncio.shield(shutdown), 1.0)
+
+
+def _bound_port(sockets: Any) -> int | None:
+    for sock in sockets or ():
+        port: int = sock.getsockname()[1]
+        return port
+    return None
 
 
 def run(settings: Settings) -> int:
@@ -129,19 +186,58 @@ def run(settings: Settings) -> int:
 
 
 def supervise(workers: int) -> int:
-    """Start N worker processes with the same command line; forward signals; reap them."""
-    children: list[subprocess.Popen[bytes]] = []
-    for index in range(workers):
-        env = dict(os.environ, **{_WORKER_ENV: str(index)})
-        children.append(subprocess.Popen([sys.executable, "-m", "router", *sys.argv[1:]], env=env))
+    """Start N worker processes with the same command line; forward signals; reap them.
+
+    Workers run in their own process group, so a Ctrl-C in a terminal reaches them once,
+    through this forwarding, rather than twice (which would count as a second signal and
+    skip the grace period of in-flight requests). If a worker dies on its own, the others
+    are stopped and the supervisor exits with that worker's status: a task with half its
+    workers gone must be replaced by the orchestrator, not linger half-capacity.
+    """
+    children: dict[int, subprocess.Popen[bytes]] = {}
+    stopping = False
 
     def forward(signum: int, _frame: Any) -> None:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signum)
+        nonlocal stopping
+        stopping = True
+        for pid, child in children.items():
+            # os.kill, not Popen.send_signal: that one polls first and could reap the child
+            # behind the os.wait() below. Unreaped, the pid cannot have been reused.
+            if child.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
 
+    # Handlers before the first child: a SIGTERM during start-up must not kill the parent
+    # with its default action and leave the workers running, orphaned.
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    log.info("supervising workers", extra={"workers": json.dumps([c.pid for c in children])})
-    codes = [child.wait() for child in children]
-    return max((abs(code) for code in codes), default=0)
+    for index in range(workers):
+        if stopping:
+            break  # signalled while starting: start no more
+        env = dict(os.environ, **{_WORKER_ENV: str(index)})
+        child = subprocess.Popen(
+            [sys.executable, "-m", "router", *sys.argv[1:]], env=env, process_group=0
+        )
+        children[child.pid] = child
+    log.info("supervising workers", extra={"workers": json.dumps(list(children))})
+    worst = 0
+    running = dict(children)
+    while running:
+        # Any worker, in the order they end (PEP 475: restarted after a signal handler).
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:  # none left (cannot happen while `running` is accurate)
+            break
+        if pid not in running:
+            continue
+        child = running.pop(pid)
+        child.returncode = code = os.waitstatus_to_exitcode(status)
+        worst = max(worst, abs(code))
+        if not stopping and running:
+            log.error(
+                "worker exited; stopping the others",
+                extra={"worker_pid": pid, "status": code},
+            )
+            worst = max(worst, 1)  # exiting unasked is a failure, even with status 0
+            forward(signal.SIGTERM, None)
+    return worst

@@ -254,6 +254,23 @@ class Settings(_Frozen):
     admin_token: str | None = None
     override_secret: str | None = None
 
+    @field_validator("ledger")
+    @classmethod
+    def _ledger_url(cls, v: str) -> str:
+        # DESIGN.md's contract is `sqlite:///path` or `redis://host:port/db`. Unchecked, a
+        # typo (ROUTER_LEDGER=sqlite://x.db, postgres://...) started fine and would only
+        # fail once the ratchet first writes: the 3 a.m. failure this module exists to stop.
+        parts = urlsplit(v)
+        if parts.scheme == "sqlite":
+            if parts.netloc or not parts.path.strip("/"):
+                raise ValueError(f"expected sqlite:///path (three slashes), got {v!r}")
+        elif parts.scheme in ("redis", "rediss"):
+            if not parts.hostname:
+                raise ValueError(f"expected redis://host:port/db, got {v!r}")
+        else:
+            raise ValueError(f"expected sqlite:///path or redis://host:port/db, got {v!r}")
+        return v
+
     @model_validator(mode="after")
     def _flag_source_complete(self) -> Settings:
         if self.flags.source == "file" and self.flags.file is None:
@@ -327,6 +344,35 @@ def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
                 upstream["ca_file"] = str((base / upstream["ca_file"]).resolve())
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error.
+
+    PyYAML keeps the last one silently: a second `upstreams:` section further down a
+    long file replaced the first one whole, with no message (the YAML twin of a misspelt
+    key, which `extra="forbid"` rejects).
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: keys given next to it may override merged ones
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # an unhashable key: super() reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _format_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
@@ -349,7 +395,8 @@ def load_settings(
     if path is not None:
         file = Path(path)
         try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+            text = file.read_text(encoding="utf-8")
+            loaded = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
         except OSError as exc:
             raise ConfigError(f"{file}: cannot read: {exc.strerror or exc}") from None
         except yaml.YAMLError as exc:

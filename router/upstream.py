@@ -94,6 +94,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_error",
         "_expect_no_body",
         "_head_bytes",
+        "_head_received",
         "_head_waiter",
         "_headers",
         "_keep_alive",
@@ -137,7 +138,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._error: RouterError | None = None
         self._status = 0
         self._headers: list[tuple[bytes, bytes]] = []
-        self._head_bytes = 0
+        self._head_bytes = 0  # header names and values, as parsed
+        self._head_received = 0  # raw bytes of a head still incomplete
         self._content_length: int | None = None
         self._chunked = False
         self._keep_alive = False
@@ -170,6 +172,14 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(cause)
             else:
                 self._fail(UpstreamBadResponse(f"invalid response from upstream: {exc}"))
+        else:
+            if not self._status:
+                # All of `data` belonged to a head that is still incomplete. llhttp holds a
+                # header line until its end before on_header sees it, so a line that never
+                # ends would grow without bound until the timeout: count raw bytes too.
+                self._head_received += len(data)
+                if self._head_received > MAX_RESPONSE_HEAD_BYTES:
+                    self._fail(UpstreamBadResponse("upstream response head too large"))
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -182,7 +192,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool._forget(self)
         self._on_eof()
         if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_exception(UpstreamReset("upstream closed the connection"))
+            self._drain_waiter.set_exception(
+                self._error or UpstreamReset("upstream closed the connection")
+            )
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -210,6 +222,10 @@ class UpstreamConnection(asyncio.Protocol):
             self._headers = []
             self._head_bytes = 0
             return
+        if not 200 <= status <= 599:
+            # llhttp takes any three digits; a status outside RFC 9110's classes has no
+            # meaning a client could act on (and aiohttp would write 099 as "99").
+            raise UpstreamBadResponse(f"upstream sent status {status}")
         self._status = status
         content_length: int | None = None
         chunked = False
@@ -219,7 +235,12 @@ class UpstreamConnection(asyncio.Protocol):
                 # llhttp already rejects malformed and conflicting values.
                 content_length = int(value)
             elif lname == b"transfer-encoding":
-                chunked = value.strip().lower().endswith(b"chunked")
+                # Only plain chunked can be relayed. Any other coding (`gzip`, `gzip,
+                # chunked`) leaves the body transfer-coded, and Transfer-Encoding is
+                # hop-by-hop: the client would get the coded bytes unlabelled.
+                if chunked or value.strip().lower() != b"chunked":
+                    raise UpstreamBadResponse("upstream used a transfer coding other than chunked")
+                chunked = True
         self._content_length = content_length
         self._chunked = chunked
         self._keep_alive = bool(parser.should_keep_alive())
@@ -270,15 +291,20 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.write(data)
 
-    async def drain(self) -> None:
+    async def drain(self, timeout: float) -> None:
+        """Wait while the upstream is not taking request bytes, up to `timeout` at a time."""
         if self.closed:
             raise self._error or UpstreamReset("upstream closed the connection")
         if not self._write_paused:
             return
         self._drain_waiter = self._loop.create_future()
+        # An upstream that stopped reading the body will not answer either: without a bound
+        # the request would hold this connection (and its client) for good.
+        timer = self._loop.call_later(timeout, self._on_write_timeout)
         try:
             await self._drain_waiter
         finally:
+            timer.cancel()
             self._drain_waiter = None
 
     async def response_head(self, timeout: float) -> UpstreamResponse:
@@ -362,6 +388,9 @@ class UpstreamConnection(asyncio.Protocol):
     def _on_head_timeout(self) -> None:
         self._timer = None
         self._fail(UpstreamTimeout("no response headers from upstream in time"))
+
+    def _on_write_timeout(self) -> None:
+        self._fail(UpstreamTimeout("upstream stopped reading the request body"))
 
     def _on_read_timeout(self) -> None:
         self._timer = None

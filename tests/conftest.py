@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
@@ -25,6 +27,22 @@ from router.admin import build_admin_app
 from router.app import RouterApp
 from router.flagfile import set_tenants
 from router.settings import Settings
+
+# ---- event loops --------------------------------------------------------------------
+
+# The router serves on uvloop (server.py). Its error paths hang on transport behaviour
+# (EOF, abort, paused reading, TLS) that uvloop implements apart from asyncio, so the
+# error-path modules run every test on both loops; the others keep the default loop.
+_BOTH_LOOPS = frozenset({"test_upstream_errors.py", "test_client_errors.py", "test_tls.py"})
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if item.path.name in _BOTH_LOOPS:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"default": asyncio.new_event_loop}  # one factory: test ids stay as they were
+
 
 # ---- backends ------------------------------------------------------------------------
 
@@ -340,3 +358,113 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     _, _, body = raw.partition(b"\r\n\r\n")
     result: dict[str, Any] = json.loads(body)
     return result
+
+
+# ---- raw HTTP at both ends (error-path tests) ----------------------------------------
+
+
+@dataclass
+class RawResponse:
+    """What a raw-socket client saw: the head, the body bytes as sent, and how it ended."""
+
+    status: int
+    headers: dict[str, str]  # lower-cased names, last value wins
+    body: bytes  # as on the wire (chunked framing included)
+    ended: str  # "eof", "reset" or "timeout"
+
+    @property
+    def complete(self) -> bool:
+        """Whether the body is a complete message per its own framing."""
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            return self.body.endswith(b"0\r\n\r\n")
+        if "content-length" in self.headers:
+            return len(self.body) == int(self.headers["content-length"])
+        return self.ended == "eof"
+
+    def json(self) -> dict[str, Any]:
+        result: dict[str, Any] = json.loads(self.body)
+        return result
+
+
+async def raw_request(port: int, data: bytes, timeout: float = 5.0) -> RawResponse:
+    """Send raw bytes to the router; read one response until EOF, reset or the timeout.
+
+    Bytes are kept as they arrive, so a reset after part of a body still shows that part.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    received = bytearray()
+    ended = "timeout"
+    try:
+        writer.write(data)
+        await writer.drain()
+        try:
+            async with asyncio.timeout(timeout):
+                while chunk := await reader.read(65536):
+                    received += chunk
+                ended = "eof"
+        except ConnectionResetError:
+            ended = "reset"
+        except TimeoutError:
+            pass
+    finally:
+        writer.close()
+    head, sep, body = bytes(received).partition(b"\r\n\r\n")
+    assert sep, f"no complete response head in {bytes(received[:200])!r}"
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return RawResponse(int(status_line.split(" ")[1]), headers, body, ended)
+
+
+async def read_http_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One request off an upstream socket: its head and its (de-chunked) body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lower = head.lower()
+    if b"\r\ntransfer-encoding: chunked\r\n" in lower:
+        body = bytearray()
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            body += await reader.readexactly(size + 2)
+            if size == 0:
+                return head, bytes(body[:-2])
+            del body[-2:]
+    for line in lower.split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return head, await reader.readexactly(int(line.split(b":")[1]))
+    return head, b""
+
+
+def http_response(body: bytes = b"ok", *headers: bytes) -> bytes:
+    """A complete keep-alive 200 with a Content-Length body."""
+    extra = b"".join(h + b"\r\n" for h in headers)
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+async def serve_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A well-behaved keep-alive upstream: answers every request on the connection."""
+    while True:
+        try:
+            await read_http_request(reader)
+        except asyncio.IncompleteReadError:
+            return
+        writer.write(http_response())
+        await writer.drain()
+
+
+def sample(router: RunningRouter, name: str, **labels: str) -> float:
+    """A metric's current value on the router's own registry (0 when never set)."""
+    value = router.app.metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+@pytest.fixture
+def no_error_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Fail a test whose failures were handled but still logged as errors (or as asyncio's
+    "exception was never retrieved"): an expected upstream or client failure is a metric
+    and an access-log field, not an error log with a traceback."""
+    yield
+    records = [*caplog.get_records("setup"), *caplog.get_records("call"), *caplog.records]
+    errors = [r for r in records if r.levelno >= logging.ERROR]
+    assert not errors, [f"{r.name}: {r.getMessage()}" for r in errors]

@@ -1,0 +1,23 @@
+"""What every server in the bench answers, shared by bench.py and the helper servers.
+
+The helper scripts run as `python loadtests/<name>.py`, so this directory is on their
+`sys.path` and `import common` finds this module.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# The fixed small answer: 103 bytes, like the upstream of /work/shared/PERFORMANCE.md.
+SMALL_BODY: Final = b'{"ok":true,"from":"bench fixed upstream","pad":"' + b"x" * 52 + b'"}\n'
+assert len(SMALL_BODY) == 103, len(SMALL_BODY)
+
+LARGE_SIZE: Final = 64 * 1024
+LARGE_BODY: Final = b"y" * LARGE_SIZE
+UPLOAD_SIZE: Final = 1024 * 1024
+
+PATH_SMALL: Final = "/small"
+PATH_LARGE: Final = "/64k"  # GET: LARGE_SIZE bytes
+PATH_UPLOAD: Final = "/upload"  # POST: the whole body is read, then SMALL_BODY answered
+
+TENANT_HEADER: Final = "X-Tenant-Id"

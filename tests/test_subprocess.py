@@ -1,0 +1,450 @@
+"""`router serve` as an operator runs it: a real process, real sockets, real signals.
+
+Two demo backends (`python -m router.demo_backend`) and the router are subprocesses on
+loopback; flags come from a flag file that `router flags set` (also a subprocess) rewrites
+while the router runs. Every process is stopped by pid when the test ends (tests/procs.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ldclient.impl.integrations.files import file_data_source
+
+from router.flagfile import read_flag_file, set_tenants, tenant_variation
+from router.flags import FlagSource
+from router.settings import FlagSettings
+from tests.procs import (
+    Backend,
+    Procs,
+    Response,
+    RouterProc,
+    alive,
+    children,
+    free_port,
+    run_router,
+    wait_until,
+    write_config,
+)
+
+
+@pytest.fixture(scope="module")
+def backends() -> Iterator[tuple[Backend, Backend]]:
+    """One legacy and one new demo backend, shared by the module (they hold no state)."""
+    with Procs() as procs:
+        yield procs.backend("legacy"), procs.backend("new")
+
+
+@pytest.fixture
+def procs() -> Iterator[Procs]:
+    with Procs() as procs:
+        yield procs
+
+
+@pytest.fixture
+def flag_file(tmp_path: Path) -> Path:
+    """acme -> legacy, globex -> new, everyone else legacy."""
+    path = tmp_path / "flags.json"
+    set_tenants(path, ["acme"], "legacy", create=True)
+    set_tenants(path, ["globex"], "new")
+    return path
+
+
+def start(
+    procs: Procs,
+    backends: tuple[Backend, Backend],
+    tmp_path: Path,
+    flag_file: Path,
+    *args: str,
+    wait_ready: bool = True,
+    **sections: dict[str, Any],
+) -> RouterProc:
+    legacy, new = backends
+    config = write_config(tmp_path / "router.yaml", legacy, new, flag_file, **sections)
+    return procs.router(config, *args, wait_ready=wait_ready)
+
+
+def side(response: Response) -> str:
+    assert response.status == 200, (response.status, response.body[:300])
+    answered: str = response.json()["side"]
+    assert response.headers["X-Backend-Side"] == answered
+    return answered
+
+
+def inflight(router: RouterProc, target: str) -> float:
+    text = router.admin("/metrics").body.decode()
+    match = re.search(rf'^router_inflight_requests\{{target="{target}"\}} (\S+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+class Background:
+    """A request on a thread, so the test can signal the router while it is in flight."""
+
+    def __init__(self, router: RouterProc, path: str, tenant: str) -> None:
+        self.result: Response | BaseException | None = None
+        self.finished_at = 0.0
+        self._thread = threading.Thread(target=self._run, args=(router, path, tenant))
+        self._thread.start()
+
+    def _run(self, router: RouterProc, path: str, tenant: str) -> None:
+        try:
+            self.result = router.get(path, tenant=tenant, timeout=20)
+        except BaseException as exc:
+            self.result = exc
+        self.finished_at = time.monotonic()
+
+    def join(self, timeout: float) -> Response | BaseException | None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the background request never finished"
+        return self.result
+
+
+# ---- (a) routing --------------------------------------------------------------------
+
+
+def test_each_tenant_goes_to_its_side(
+    procs: Procs, backends: tuple[Backend, Backend], tmp_path: Path, flag_file: Path
+) -> None:
+    router = start(procs, backends, tmp_path, flag_file)
+    acme = router.get("/orders/1?x=%20y", tenant="acme")
+    assert side(acme) == "legacy"
+    assert acme.headers["X-Routed-To"] == "legacy; reason=flag"
+    assert (acme.json()["path"], acme.json()["query"]) == ("/orders/1", "x=%20y")
+    globex = router.get("/orders/1", tenant="globex")
+    assert side(globex) == "new"
+    assert globex.headers["X-Routed-To"] == "new; reason=flag"
+    # Untargeted tenants get the fallthrough; no tenant at all the default target.
+    assert side(router.get("/", tenant="initech")) == "legacy"
+    anonymous = router.get("/")
+    assert side(anonymous) == "legacy"
+    assert anonymous.headers["X-Routed-To"] == "legacy; reason=no-tenant"
+
+
+# ---- (b) a flip lands in the running router -----------------------------------------
+
+
+def test_flags_set_moves_a_tenant_in_the_running_router(
+    procs: Procs, backends: tuple[Backend, Backend], tmp_path: Path, flag_file: Path
+) -> None:
+    router = start(procs, backends, tmp_path, flag_file)
+    for _ in range(5):  # routed (and cached) on legacy before the flip
+        assert side(router.get("/", tenant="acme")) == "legacy"
+
+    started = time.monotonic()
+    flip = run_router("flags", "set", "acme", "new", "--file", str(flag_file))
+    written = time.monotonic()
+    assert flip.returncode == 0, flip.stderr
+    assert flip.stdout.strip() == f"acme: legacy -> new ({flag_file})"
+    assert tenant_variation(read_flag_file(flag_file), "acme") == "new"
+
+    while side(router.get("/", tenant="acme")) != "new":
+        assert time.monotonic() - written < 2.0, "the flip did not reach the router within 2 s"
+        time.sleep(0.01)
+    landed = time.monotonic()
+    latency = landed - written
+    print(f"flip latency: {latency * 1000:.0f} ms after the write, {landed - started:.2f} s")
+    assert latency < 2.0
+    # ...and stays there, in the same process (no restart), for everyone else too.
+    for _ in range(10):
+        assert side(router.get("/", tenant="acme")) == "new"
+    assert side(router.get("/", tenant="globex")) == "new"
+    assert side(router.get("/", tenant="initech")) == "legacy"
+    assert router.proc.popen.poll() is None
+    flips = run_router("flags", "set", "acme", "legacy", "--file", str(flag_file))
+    assert flips.returncode == 0 and "new -> legacy" in flips.stdout
+    wait_until(lambda: side(router.get("/", tenant="acme")) == "legacy", 2.0, what="flip back")
+
+
+# ---- (c) readiness before flag data ------------------------------------------------
+
+
+def test_not_ready_until_the_flag_file_exists(
+    procs: Procs, backends: tuple[Backend, Backend], tmp_path: Path
+) -> None:
+    flag_file = tmp_path / "later" / "flags.json"
+    flag_file.parent.mkdir()
+    router = start(procs, backends, tmp_path, flag_file, wait_ready=False)
+    wait_until(lambda: router.ready_status() is not None, 15, what="admin port", proc=router.proc)
+
+    ready = router.admin("/readyz")
+    assert ready.status == 503
+    body = ready.json()
+    assert body["ready"] is False
+    assert body["checks"]["flags_loaded"] is False
+    proxied = router.get("/", tenant="acme")
+    assert proxied.status == 503
+    assert proxied.json()["error"] == "not_ready"
+    assert proxied.headers["Retry-After"]
+    assert proxied.headers["X-Request-Id"] == proxied.json()["request_id"]
+
+    set_tenants(flag_file, ["acme"], "new", create=True)
+    created = time.monotonic()
+    wait_until(
+        lambda: router.ready_status() == 200,
+        2.0,
+        what="/readyz 200 after the file",
+        proc=router.proc,
+    )
+    print(f"ready {(time.monotonic() - created) * 1000:.0f} ms after the flag file appeared")
+    assert router.admin("/readyz").json()["checks"]["flags_loaded"] is True
+    assert side(router.get("/", tenant="acme")) == "new"
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["created", "flipped"])
+async def test_a_flag_write_while_the_sdk_starts_is_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exists: bool
+) -> None:
+    """In-process, with a hook in the SDK: the file is written at the worst moment of the
+    SDK's start-up, after its first load and before its poller's first mtime reading (the
+    window the subprocess test above can hit by chance, and did, under load)."""
+    flag_file = tmp_path / "flags.json"
+    if exists:
+        set_tenants(flag_file, ["acme"], "legacy", create=True)
+    original = file_data_source._FileDataSource._start_auto_updater
+    writes: list[str] = []
+
+    def start_auto_updater(self: Any) -> Any:
+        if not writes:
+            writes.append("written")
+            set_tenants(flag_file, ["acme"], "new", create=True)
+        return original(self)
+
+    monkeypatch.setattr(file_data_source._FileDataSource, "_start_auto_updater", start_auto_updater)
+    flags = FlagSource(FlagSettings(file=flag_file, poll_interval=0.1), asyncio.get_running_loop())
+    try:
+        await flags.start(wait=2.0)
+        await asyncio.sleep(0.3)  # a few polls: the poller alone would never see it
+        assert writes == ["written"]
+        assert flags.ready
+        assert flags.variation("acme", "unset") == "new"
+    finally:
+        await flags.close()
+
+
+# ---- (d) signals ------------------------------------------------------------------
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(
+    procs: Procs, backends: tuple[Backend, Backend], tmp_path: Path, flag_file: Path
+) -> None:
+    drain, shutdown = 0.5, 5.0
+    server = {"drain_delay": drain, "shutdown_timeout": shutdown}
+    router = start(procs, backends, tmp_path, flag_file, server=server)
+    slow = Background(router, "/__demo/slow/1.5", "acme")
+    wait_until(lambda: inflight(router, "legacy") >= 1, 5, what="the slow request in flight")
+
+    router.proc.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    # Step 1: not ready at once, so the load balancer deregisters us (still serving
+    # meanwhile: test_a_second_sigterm_skips_the_drain_and_the_wait has time to check).
+    wait_until(lambda: router.ready_status() == 503, 1.0, interval=0.01, what="readyz 503")
+    assert router.admin("/readyz").json()["checks"]["not_draining"] is False
+    # Step 3: after the drain delay, new connections are refused, while the slow request
+    # is still being served.
+    time.sleep(max(0.0, signalled + drain + 0.25 - time.monotonic()))
+    assert router.proc.popen.poll() is None
+    assert slow.result is None, "the slow request ended before the listener closed"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", router.port), timeout=1).close()
+
+    result = slow.join(timeout=10)
+    assert isinstance(result, Response), result
+    assert side(result) == "legacy"
+    assert result.json()["path"] == "/__demo/slow/1.5"
+    code = router.proc.wait(timeout=drain + shutdown + 2)
+    stopped = time.monotonic()
+    print(f"SIGTERM with a 1.5 s request in flight: exit {code} after {stopped - signalled:.2f} s")
+    assert code == 0, router.proc.output()
+    assert stopped - signalled < drain + shutdown + 1
+    assert stopped >= slow.finished_at - 0.05  # it waited for the request
+    assert router.ready_status() is None  # admin port closed with the process
+
+
+def test_sigint_exits_fast_with_status_0(
+    procs: Procs, backends: tuple[Backend, Backend], tmp_path: Path, flag_file: Path
+) -> None:
+    # A long drain delay that SIGINT (an operator's Ctrl-C) must skip, and a request that
+    # would outlast any patience.
+    router = start(
+        procs, backends, tmp_path, flag_file, server={"drain_delay": 30, "shutdown_timeout": 30}
+    )
+    slow = Background(router, "/__demo/slow/30", "acme")
+    wait_until(lambda: inflight(router, "legacy") >= 1, 5, what="the slow request in flight")
+    router.proc.signal(signal.SIGINT)
+    signalled = time.monotonic()
+    code = router.proc.wait(timeout=10)
+    elapsed = time.monotonic() - signalled
+    print(f"SIGINT with a request in flight: exit {code} after {elapsed:.2f} s")
+    assert code == 0, router.proc.output()
+    assert elapsed < 3.0, f"SIGINT took {elapsed:.2f} s"
+    result = slow.join(timeout=5)
+    assert not isinstance(result, Response) or result.status != 200
+
+
+def test_a_second_sigterm_skips_the_drain_and_the_wait(
+    procs: Procs, backends: tuple[Backend, Backend], tmp_path: Path, flag_file: Path
+) -> None:
+    router = start(
+        procs, backends, tmp_path, flag_file, server={"drain_delay": 30, "shutdown_timeout": 30}
+    )
+    slow = Background(router, "/__demo/slow/30", "acme")
+    wait_until(lambda: inflight(router, "legacy") >= 1, 5, what="the slow request in flight")
+    router.proc.signal(signal.SIGTERM)
+    wait_until(lambda: router.ready_status() == 503, 2, what="readyz 503")
+    # Draining: not ready, but still serving what the load balancer sends meanwhile.
+    assert side(router.get("/", tenant="globex")) == "new"
+    assert router.proc.popen.poll() is None, "the first SIGTERM must drain, not exit"
+    signalled = time.monotonic()
+    router.proc.signal(signal.SIGTERM)
+    assert router.proc.wait(timeout=10) == 0, router.proc.output()
+    elapsed = time.monotonic() - signalled
+    assert elapsed < 1.5, f"the second SIGTERM took {elapsed:.2f} s"
+    result = slow.join(timeout=5)
+    assert not isinstance(result, Response) or result.status != 200
+
+
+# ---- (e) worker processes ---------------------------------------------------------
+
+
+def test_workers_share_the_port_and_stop_with_the_parent(
+    procs: Procs, backends: tuple[Backend, Backend], tmp_path: Path, flag_file: Path
+) -> None:
+    # SO_REUSEPORT workers cannot share port 0 (each would get its own): fixed free ports.
+    server = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "admin_listen": f"127.0.0.1:{free_port()}",
+        "drain_delay": 0.2,
+    }
+    router = start(procs, backends, tmp_path, flag_file, "--workers", "2", server=server)
+    workers = wait_until(lambda: len(children(router.pid)) == 2 and children(router.pid), 10)
+    for pid in workers:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert any(e.startswith(b"ROUTER_WORKER_ID=") for e in environ)
+    # Each worker bound the configured port itself (the parent binds nothing).
+    for pid in workers:
+        line = router.proc.wait_line(
+            lambda s, pid=pid: '"router listening"' in s and f'"pid":{pid},' in s, stream="stderr"
+        )
+        assert json.loads(line)["port"] == router.port
+    # Two listening sockets on the one port (SO_REUSEPORT), one in each worker.
+    assert sorted(_listening_pids(router.port, [router.pid, *workers])) == sorted(workers)
+
+    # Request ids start with a per-process prefix: collect them until both workers have
+    # answered. A fresh connection each: the kernel spreads them by their 4-tuple's hash
+    # (the second worker may still be loading its flags for the first few).
+    prefixes: set[str] = set()
+    deadline = time.monotonic() + 10
+    requests = 0
+    while len(prefixes) < 2 and time.monotonic() < deadline:
+        response = router.get("/", tenant="globex" if requests % 2 else "acme")
+        requests += 1
+        if response.status == 503:  # that worker is not ready yet
+            continue
+        assert side(response) == ("new" if requests % 2 == 0 else "legacy")
+        prefixes.add(response.headers["X-Request-Id"].rsplit("-", 1)[0])
+    assert len(prefixes) == 2, f"expected answers from 2 workers, got {prefixes}"
+
+    router.proc.signal(signal.SIGTERM)
+    assert router.proc.wait(timeout=15) == 0, router.proc.output()
+    for pid in workers:
+        assert not alive(pid), f"worker {pid} outlived its parent"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", router.port), timeout=1).close()
+
+
+def test_a_dead_worker_stops_the_task_with_a_failure_status(
+    procs: Procs, backends: tuple[Backend, Backend], tmp_path: Path, flag_file: Path
+) -> None:
+    server = {"listen": f"127.0.0.1:{free_port()}", "admin_listen": f"127.0.0.1:{free_port()}"}
+    router = start(procs, backends, tmp_path, flag_file, "--workers", "2", server=server)
+    workers = wait_until(lambda: len(children(router.pid)) == 2 and children(router.pid), 10)
+    for pid in workers:
+        router.proc.wait_line(lambda s, pid=pid: f'"pid":{pid},' in s, stream="stderr")
+    # A worker killed by the OOM killer, say: the supervisor must not carry on at half
+    # capacity (the orchestrator should replace the task), so it stops the other one.
+    os.kill(workers[0], signal.SIGKILL)
+    code = router.proc.wait(timeout=10)
+    assert code == signal.SIGKILL, router.proc.output()
+    assert not alive(workers[1])
+    assert "worker exited; stopping the others" in "\n".join(router.proc.stderr)
+
+
+def _listening_pids(port: int, pids: list[int]) -> list[int]:
+    """Which of `pids` own a socket listening on 127.0.0.1:`port` (one entry per socket)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, inode = fields[1], fields[3], fields[9]
+        if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+            inodes.add(f"socket:[{inode}]")
+    owners = []
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                if os.readlink(fd) in inodes:
+                    owners.append(pid)
+            except FileNotFoundError:
+                continue
+    return owners
+
+
+# ---- (f) the access log -----------------------------------------------------------
+
+
+def _jwt(claims: dict[str, str]) -> str:
+    def part(value: dict[str, str]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}.c2lnbmF0dXJlLXNlY3JldA"
+
+
+def test_access_log_line_has_the_route_and_no_secrets(
+    procs: Procs, backends: tuple[Backend, Backend], tmp_path: Path, flag_file: Path
+) -> None:
+    router = start(procs, backends, tmp_path, flag_file)
+    token = _jwt({"iss": "globex", "sub": "user-secret-subject"})
+    query_token = _jwt({"iss": "acme", "nonce": "query-secret-nonce"})
+    cookie = "session=cookie-secret-value; csrftoken=csrf-secret-value"
+    secrets = [token, query_token, "cookie-secret-value", "csrf-secret-value", "opaque-secret"]
+
+    by_header = router.get(
+        f"/items/9?jwt={query_token}&page=2",
+        headers={"Authorization": f"JWT {token}", "Cookie": cookie},
+    )
+    assert side(by_header) == "new"  # the Authorization header's iss wins over the query
+    # The backend did receive them: the router forwards credentials, it only must not log them.
+    assert by_header.json()["headers"]["cookie"] == cookie
+    by_query = router.get(
+        f"/items/9?jwt={query_token}", headers={"Authorization": "Bearer opaque-secret"}
+    )
+    assert side(by_query) == "legacy"
+
+    expected = {
+        by_header.headers["X-Request-Id"]: ("globex", "new"),
+        by_query.headers["X-Request-Id"]: ("acme", "legacy"),
+    }
+    for request_id, (tenant, target) in expected.items():
+        line = router.proc.wait_line(lambda s, rid=request_id: f'"request_id":"{rid}"' in s)
+        entry = json.loads(line)
+        assert entry["type"] == "access"
+        assert (entry["tenant"], entry["target"], entry["reason"]) == (tenant, target, "flag")
+        assert entry["status"] == 200
+        assert entry["path"] == "/items/9"
+        for secret in secrets:
+            assert secret not in line
+    # Nor anywhere else the router wrote.
+    output = "\n".join(router.proc.stdout + router.proc.stderr)
+    for secret in secrets:
+        assert secret not in output
