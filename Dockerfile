@@ -35,4 +35,6 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=15s --retries=3 \
 # SIGTERM starts the graceful drain (readyz 503 for drain_delay, then finish in-flight).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["router"]
+# The demo config. On ECS, config/ecs/task-definition.json overrides the command with the
+# production config the same COPY brings in: serve --config /app/config/ecs/router.yaml.
 CMD ["serve", "--config", "/app/config/router.yaml"]

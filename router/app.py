@@ -10,6 +10,7 @@ log); `ProxyHandler` is the per-request function aiohttp's low-level server call
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -27,6 +28,7 @@ from router.errors import (
     BadRequest,
     ClientError,
     HeadersTooLarge,
+    HoldTimeout,
     MethodNotAllowed,
     NotReady,
     RouterError,
@@ -34,21 +36,24 @@ from router.errors import (
     UriTooLong,
 )
 from router.flags import FlagSource
+from router.ledger import open_ledger
 from router.metrics import Metrics
+from router.override import SIGNATURE_HEADER, TARGET_HEADER, OverrideVerifier
 from router.relay import (
+    RELAYED_CLOSE,
+    RELAYED_KEEP_ALIVE,
     Exchange,
-    ForwardInfo,
     HeaderRules,
-    ProxyResponse,
     build_request_head,
+    encode_response_head,
     origin_form,
-    response_headers,
     valid_request_id,
 )
-from router.routing import Decider
+from router.routing import Decider, LedgerView, Route
 from router.settings import TARGETS, HeaderExtractor, Settings
 from router.tenant import TenantIdentifier
 from router.upstream import UpstreamPool
+from router.workers import WorkerInfo
 
 log = logging.getLogger("router.app")
 
@@ -93,11 +98,11 @@ class RequestIds:
     """Request ids unique across workers and restarts: a random per-process prefix + a counter."""
 
     def __init__(self) -> None:
-        self._prefix = os.urandom(6).hex()
+        self._prefix = os.urandom(6).hex() + "-"
         self._counter = itertools.count(1)
 
     def next(self) -> str:
-        return f"{self._prefix}-{next(self._counter):x}"
+        return self._prefix + format(next(self._counter), "x")
 
 
 class ProxyHandler:
@@ -105,13 +110,16 @@ class ProxyHandler:
         "_access_log",
         "_debug_headers",
         "_decider",
+        "_flags",
+        "_hold_timeout",
         "_identify",
+        "_inflight",
+        "_ledger",
         "_loop",
         "_metrics",
         "_pools",
         "_request_ids",
         "_rules",
-        "_state",
     )
 
     def __init__(self, app: RouterApp) -> None:
@@ -124,7 +132,10 @@ class ProxyHandler:
         self._access_log = app.access_log
         self._debug_headers = app.settings.server.debug_headers
         self._request_ids = app.request_ids
-        self._state = app
+        self._flags = app.flags
+        self._ledger = app.ledger
+        self._inflight = app.tenant_inflight
+        self._hold_timeout = app.settings.routing.hold_timeout
 
     def reject(self, error: RouterError, client: str | None) -> web.Response:
         """Answer a request that never reached __call__ (aiohttp refused to parse it) with
@@ -142,15 +153,37 @@ class ProxyHandler:
         response.headers["Connection"] = "close"
         return response
 
+    async def _held(
+        self,
+        route: Route,
+        tenant: str | None,
+        path: str,
+        forced: str | None,
+        signature: str | None,
+        start: float,
+    ) -> Route:
+        """Wait while the tenant is in `hold`: every flag change wakes the held requests
+        (oldest first) and each decides again; past hold_timeout, HoldTimeout (503)."""
+        assert tenant is not None  # only a tenant's flag says hold
+        self._metrics.decided("hold", route.reason)
+        deadline = start + self._hold_timeout
+        while route.target == "hold":
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                raise HoldTimeout("the tenant's cutover did not move on in time")
+            await self._decider.holds.wait(tenant, remaining, self._loop)
+            route = self._decider.decide_request(tenant, path, forced, signature)
+        return route
+
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         # perf_counter, not loop.time(): uvloop's clock has millisecond resolution.
         clock = time.perf_counter
         start = clock()
         method = request.method
         request_id = request.headers.get("X-Request-Id")
-        if not valid_request_id(request_id):
+        if request_id is None or not valid_request_id(request_id):
             request_id = self._request_ids.next()
-        assert request_id is not None
+        client = _peer(request)
         tenant: str | None = None
         target = "none"
         reason = "none"
@@ -165,29 +198,44 @@ class ProxyHandler:
             try:
                 if method == "CONNECT":
                     raise MethodNotAllowed("CONNECT is not supported: this is not a forward proxy")
-                if not self._state.flags.ready:
-                    raise NotReady("no flag data yet")
+                if not self._flags.ready or not self._ledger.loaded:
+                    raise NotReady("no flag data yet" if self._ledger.loaded else "no ledger yet")
                 request_target, host = origin_form(request)
                 path = request_target.decode("latin-1")
+                headers = request.headers
                 # Phase 1: identify
-                tenant, _source = self._identify(request.headers, host, path)
+                tenant, _source = self._identify(headers, host, path)
                 # Phase 2: decide
-                route = self._decider.decide(tenant)
+                forced = headers.get(TARGET_HEADER)
+                signature = headers.get(SIGNATURE_HEADER) if forced is not None else None
+                route = self._decider.decide_request(tenant, path, forced, signature)
+                if route.target == "hold":
+                    target = "hold"
+                    route = await self._held(route, tenant, path, forced, signature, start)
                 target = route.target
                 reason = route.reason
+                if target == "new" and reason == "flag" and tenant is not None:
+                    # The ratchet: new serves a tenant only once the ledger says it may
+                    # never go back (one durable write per tenant, then a set lookup).
+                    pending = self._ledger.ensure(tenant)
+                    if pending is not None:
+                        await pending
                 pool = self._pools[target]
                 self._metrics.request_started(target, reason)
+                if reason == "ratchet":
+                    self._metrics.ratchet_refusals += 1
+                if tenant is not None:
+                    counts = self._inflight.get(tenant)
+                    if counts is None:
+                        counts = self._inflight[tenant] = {"legacy": 0, "new": 0}
+                    counts[target] += 1
                 # Phase 3: forward
                 has_body = request.body_exists
                 chunked = has_body and request.content_length is None
                 head = build_request_head(
-                    request,
-                    ForwardInfo(request_target, host, "http", request_id),
-                    pool,
-                    self._rules,
-                    has_body,
-                    chunked,
-                )
+                    request, request_target, host, request_id, client, pool, self._rules,
+                    has_body, chunked,
+                )  # fmt: skip
                 exchange = Exchange()
                 upstream_start = clock()
                 upstream = await exchange.send(request, pool, head, has_body, chunked)
@@ -195,19 +243,23 @@ class ProxyHandler:
                     self._metrics.connected(target, exchange.connect_seconds)
                 status = upstream.status
                 # Phase 4: relay
-                response = ProxyResponse(
-                    upstream.status,
-                    response_headers(
-                        upstream, request_id, route.header_value if self._debug_headers else None
-                    ),
-                    None if upstream.chunked else upstream.content_length,
+                version = request.version
+                response_head, framing, keep_alive = encode_response_head(
+                    upstream,
+                    request_id,
+                    route.header_bytes if self._debug_headers else None,
+                    method == "HEAD",
+                    version.minor if version.major == 1 else 1,
+                    request.keep_alive,
                 )
-                await exchange.relay(request, upstream, response, pool.read_timeout)
-                return response
+                await exchange.relay(request, response_head, framing, pool.read_timeout)
+                return RELAYED_KEEP_ALIVE if keep_alive else RELAYED_CLOSE
             except RouterError as exc:
                 error = exc.code
                 if isinstance(exc, UpstreamError):
                     upstream_error = exc.code
+                elif isinstance(exc, HoldTimeout):
+                    self._metrics.hold_timeouts += 1
                 if status:
                     # The response head already went out and relay() aborted the client
                     # connection; there is nothing more to say to it.
@@ -229,28 +281,43 @@ class ProxyHandler:
             now = clock()
             bytes_in = exchange.bytes_in if exchange is not None else 0
             bytes_out = exchange.bytes_out if exchange is not None else 0
-            if target == "none":
-                self._metrics.local_reply(method, status)
+            if pool is None:  # answered here: never reached a side (or held, then refused)
+                self._metrics.local_reply(method, status, target)
             else:
+                if tenant is not None:
+                    counts = self._inflight[tenant]
+                    counts[target] -= 1
+                    if not counts["legacy"] and not counts["new"]:
+                        del self._inflight[tenant]
                 self._metrics.request_finished(
                     target, method, status, now - start, bytes_in, bytes_out, upstream_error
                 )
-            qmark = path.find("?")
-            self._access_log.record(
-                request_id,
-                tenant,
-                target,
-                reason,
-                method,
-                path if qmark < 0 else path[:qmark],
-                status,
-                bytes_in,
-                bytes_out,
-                (now - start) * 1000.0,
-                (now - upstream_start) * 1000.0 if upstream_start else None,
-                error,
-                request.remote,
-            )
+            if self._access_log.enabled:
+                qmark = path.find("?")
+                self._access_log.record(
+                    request_id,
+                    tenant,
+                    target,
+                    reason,
+                    method,
+                    path if qmark < 0 else path[:qmark],
+                    status,
+                    bytes_in,
+                    bytes_out,
+                    (now - start) * 1000.0,
+                    (now - upstream_start) * 1000.0 if upstream_start else None,
+                    error,
+                    client,
+                )
+
+
+def _peer(request: web.BaseRequest) -> str:
+    """The client's address, looked up once per connection (aiohttp asks the transport on
+    every `request.remote`)."""
+    protocol = request.protocol
+    if isinstance(protocol, JsonErrorRequestHandler):
+        return protocol.peer
+    return request.remote or ""
 
 
 class JsonErrorRequestHandler(RequestHandler):
@@ -261,13 +328,22 @@ class JsonErrorRequestHandler(RequestHandler):
     request line or the header section is over the limit.
     """
 
-    __slots__ = ("_proxy", "_target_limit")
+    __slots__ = ("_proxy", "_target_limit", "peer")
 
     def __init__(self, manager: ProxyServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         # Per-connection state
         self._proxy = manager.proxy
         self._target_limit = manager.target_limit
+        self.peer = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, (list, tuple)) and peername:
+            self.peer = str(peername[0])
+        elif peername:
+            self.peer = str(peername)  # a unix socket path
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -324,13 +400,22 @@ class ProxyServer(web.Server):
 class RouterApp:
     """Everything with a start and an end, built once from Settings."""
 
-    def __init__(self, settings: Settings, loop: asyncio.AbstractEventLoop | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        loop: asyncio.AbstractEventLoop | None = None,
+        worker: WorkerInfo | None = None,
+    ) -> None:
         self.settings = settings
         self.loop = loop or asyncio.get_running_loop()
         self.metrics = Metrics()
         self.identifier = TenantIdentifier(settings.tenant)
         self.flags = FlagSource(settings.flags, self.loop)
-        self.decider = Decider(settings, self.flags)
+        self.ledger = LedgerView(open_ledger(settings.ledger), self.loop)
+        self.verifier = OverrideVerifier(settings.override_secret, settings.routing.override_window)
+        self.decider = Decider(settings, self.flags, self.ledger, self.verifier)
+        # tenant -> requests being proxied now, per side (cutover waits for legacy's to end)
+        self.tenant_inflight: dict[str, dict[str, int]] = {}
         self.pools: dict[str, UpstreamPool] = {
             name: UpstreamPool(name, getattr(settings.upstreams, name), self.loop)
             for name in TARGETS
@@ -346,25 +431,64 @@ class RouterApp:
         )
         self.request_ids = RequestIds()
         self.draining = False
-        self.flags.add_change_callback(self.metrics.flag_updates.inc)
-        self.flags.add_ready_callback(lambda: self.metrics.flag_ready.set(1))
+        self.worker = worker
+        self.flags.add_change_callback(self.metrics.flag_updated)
+        self.metrics.held = lambda: self.decider.holds.total
+        self.decider.on_override_rejected = self.metrics.override_rejected
+        self.metrics.flag_ready = lambda: self.flags.ready
+        self.metrics.pool_sizes = lambda: (
+            (name, pool.idle_count, pool.active_count) for name, pool in self.pools.items()
+        )
 
     async def start(self) -> None:
-        await self.flags.start()
+        await asyncio.gather(self.flags.start(), self._start_ledger())
+
+    async def _start_ledger(self) -> None:
+        """Open the ledger and read it, retrying: until then the router is not ready (it
+        cannot apply the ratchet, so it must not route at all)."""
+        delay = 0.5
+        while True:
+            try:
+                await self.ledger.start()
+                return
+            except Exception as exc:
+                log.error(
+                    "ratchet ledger unavailable; not ready until it is",
+                    extra={"ledger": self.ledger.ledger.url if self.ledger.ledger else None,
+                           "error": str(exc)[:300], "retry_in": delay},
+                )  # fmt: skip
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     async def close(self) -> None:
         for pool in self.pools.values():
             await pool.close()
         await self.flags.close()
+        with contextlib.suppress(Exception):
+            await self.ledger.close()
         self.access_log.flush()
 
     def readiness(self) -> dict[str, Any]:
         checks = {
             "flags_loaded": self.flags.ready,
+            "ledger_loaded": self.ledger.loaded,
             "upstream_pools": all(not p._closing for p in self.pools.values()),
             "not_draining": not self.draining,
         }
         return {"ready": all(checks.values()), "checks": checks, "flag_source": self.flags.state}
+
+    def tenant_state(self, tenant: str) -> dict[str, Any]:
+        """This worker's view of a tenant (admin.py sums the workers' counts)."""
+        route = self.decider.evaluate(tenant)
+        counts = self.tenant_inflight.get(tenant, {})
+        return {
+            "tenant": tenant,
+            "target": route.target,
+            "reason": route.reason,
+            "inflight": {"legacy": counts.get("legacy", 0), "new": counts.get("new", 0)},
+            "held": self.decider.holds.held(tenant),
+            "ledgered": tenant in self.ledger.tenants,
+        }
 
     def proxy_server(self, **kwargs: Any) -> ProxyServer:
         s = self.settings.server

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -186,7 +188,21 @@ def build_parser() -> argparse.ArgumentParser:
         " i.e. without --file or with --config; else tenant-routing)",
     )
     flags_set.set_defaults(func=cmd_flags_set)
+
+    # Larger command families live in their own modules, each with
+    # `register(sub, with_config)`; imported lazily so `router serve` loads none of them.
+    for module_name in COMMAND_MODULES:
+        module = importlib.import_module(module_name)
+        module.register(sub, with_config)
     return parser
+
+
+# router tenants ... (ledger), router sign (test routing), router cutover / migrate.
+COMMAND_MODULES: tuple[str, ...] = tuple(
+    name
+    for name in ("router.cli_tenants", "router.cli_sign", "router.cli_cutover")
+    if importlib.util.find_spec(name) is not None
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -17,9 +17,16 @@ an SRE can grep, graph and alert on it. Codes are a contract (DESIGN.md): add, n
     │   │                                a transfer coding other than chunked, head over the limits
     │   └── upstream_timeout        504  connect (TLS handshake included), response head, body
     │                                    read, or the upstream no longer reading the request body
+    ├── CutoverError                source=internal: a tenant is being moved (nothing was sent)
+    │   ├── hold_timeout            503  held for hold_timeout and the flag did not move on
+    │   ├── hold_overflow           503  too many requests held already (per tenant or in total)
+    │   └── ledger_unavailable      503  the ratchet ledger could not record the tenant's first
+    │                                    request to new, so new may not serve it yet
     └── InternalError               source=internal
         ├── not_ready               503  no flag data yet (the LB should not have sent this)
         ├── draining                503  shutting down (ditto)
+        ├── unauthorized            401  admin route without the right bearer token
+        ├── admin_disabled          403  admin route, but no ROUTER_ADMIN_TOKEN configured
         └── internal_error          500  a bug: logged with its traceback
 
 `retryable` says whether the *client* may safely retry (the request did not reach the
@@ -109,6 +116,34 @@ class Draining(InternalError):
     code = "draining"
     status = 503
     retryable = True
+
+
+class CutoverError(RouterError):
+    source: Source = "internal"
+    status = 503
+    retryable = True  # nothing reached a backend
+
+
+class HoldTimeout(CutoverError):
+    code = "hold_timeout"
+
+
+class HoldOverflow(CutoverError):
+    code = "hold_overflow"
+
+
+class LedgerUnavailable(CutoverError):
+    code = "ledger_unavailable"
+
+
+class Unauthorized(InternalError):
+    code = "unauthorized"
+    status = 401
+
+
+class AdminDisabled(InternalError):
+    code = "admin_disabled"
+    status = 403
 
 
 # Retry-After (seconds) sent with 503s the router itself decides.

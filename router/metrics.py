@@ -1,19 +1,37 @@
-"""Prometheus collectors, declared once, and the record_* helpers the hot path calls.
+"""Prometheus metrics: counted in plain Python on the hot path, rendered at scrape time.
+
+Why not prometheus-client's Counter/Histogram objects on the hot path: every `inc()` and
+`observe()` takes a lock and walks label children, about 0.5-1 us each, and a request
+touches eight of them; the event loop thread is the only writer here, so a dict update
+does the same job for a tenth of that. prometheus-client still does what it is good at:
+the families and the text exposition, from `RouterCollector.collect()` at scrape time.
 
 Labels never grow with tenants or paths: target (legacy/new/hold/none), method (the
 standard methods, anything else is OTHER), status code, reason and error code (both
-fixed vocabularies). Label children are resolved once and cached in plain dicts, because
-`Counter.labels()` costs more than the increment itself.
+fixed vocabularies).
 
-Names follow what an operator asks (Envoy's habit): how many requests went where, how
-long they took, how many are in flight, how the upstream connections fare.
+Several workers (`router serve --workers N`): each worker counts its own requests; the
+worker that answers a scrape asks its siblings for their `snapshot()` over their private
+admin sockets (admin.py) and renders the sum (`merge`). So one scrape of the shared admin
+port is the whole task's figures, exact and current, with no shared files or locks on the
+hot path. Gauges are summed too, except `router_flag_source_ready`, which is the minimum
+(the task is ready only when every worker has flag data).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
 # A proxy's latency lives in milliseconds: buckets from 0.5 ms, dense below 100 ms.
 LATENCY_BUCKETS: Final = (
@@ -24,71 +42,110 @@ CONNECT_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 
 METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
 )
+# Every side a request can be counted against ("none": answered before a side was chosen).
+METRIC_TARGETS: Final = ("legacy", "new", "hold", "none")
+
+# name -> (type, help, label names). The one list of what the router exports.
+FAMILIES: Final[dict[str, tuple[str, str, tuple[str, ...]]]] = {
+    "router_requests_total": (
+        "counter", "Requests answered, by side, method and status.", ("target", "method", "code")),
+    "router_request_duration_seconds": (
+        "histogram", "Time from request head to last response byte.", ("target",)),
+    "router_upstream_connect_duration_seconds": (
+        "histogram", "Time to open a new upstream connection.", ("target",)),
+    "router_inflight_requests": ("gauge", "Requests being proxied now, by side.", ("target",)),
+    "router_upstream_errors_total": (
+        "counter", "Upstream failures, by side and error code.", ("target", "code")),
+    "router_route_decisions_total": (
+        "counter", "Routing decisions, by side and reason.", ("target", "reason")),
+    "router_flag_source_ready": ("gauge", "1 once flag data has loaded (all workers).", ()),
+    "router_flag_updates_total": ("counter", "Change events received for the routing flag.", ()),
+    "router_pool_connections": (
+        "gauge", "Upstream connections, by side and state (idle/active).", ("target", "state")),
+    "router_request_bytes_total": (
+        "counter", "Request body bytes sent upstream.", ("target",)),
+    "router_response_bytes_total": (
+        "counter", "Response body bytes relayed to clients.", ("target",)),
+    "router_held_requests": (
+        "gauge", "Requests held now, waiting for a tenant's cutover to move on.", ()),
+    "router_hold_timeouts_total": (
+        "counter", "Held requests answered 503 hold_timeout.", ()),
+    "router_ratchet_refusals_total": (
+        "counter", "Legacy decisions refused for tenants already served by new.", ()),
+    "router_override_rejections_total": (
+        "counter", "X-Router-Target headers ignored, by reason (no valid signature).",
+        ("reason",)),
+    "router_workers": (
+        "gauge", "Worker processes this scrape's figures include (answered) or lack (missing).",
+        ("state",)),
+}  # fmt: skip
+_MIN_GAUGES: Final = frozenset({"router_flag_source_ready"})
+_BUCKETS: Final = {
+    "router_request_duration_seconds": LATENCY_BUCKETS,
+    "router_upstream_connect_duration_seconds": CONNECT_BUCKETS,
+}
+
+# snapshot(): {"counters"|"gauges": {name: [[labels, value], ...]},
+#              "histograms": {name: [[labels, [per-bucket counts..., +Inf], sum], ...]}}
+Snapshot = dict[str, dict[str, list[Any]]]
+
+
+class Histogram:
+    """Per-bucket (not cumulative) counts; the last slot is +Inf."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # bisect_left: a value equal to a bound belongs to that bound's bucket (le).
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
 
 
 class Metrics:
-    """All router collectors on one registry (one per app, so tests can build several)."""
+    """The router's figures for one worker. Only the event loop thread writes them."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "router_requests_total", "Requests answered, by side, method and status.",
-            ["target", "method", "code"], registry=r,
-        )  # fmt: skip
-        self.duration = Histogram(
-            "router_request_duration_seconds", "Time from request head to last response byte.",
-            ["target"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.connect_duration = Histogram(
-            "router_upstream_connect_duration_seconds", "Time to open a new upstream connection.",
-            ["target"], buckets=CONNECT_BUCKETS, registry=r,
-        )  # fmt: skip
-        self.inflight = Gauge(
-            "router_inflight_requests", "Requests being proxied now, by side.", ["target"],
-            registry=r,
-        )  # fmt: skip
-        self.upstream_errors = Counter(
-            "router_upstream_errors_total", "Upstream failures, by side and error code.",
-            ["target", "code"], registry=r,
-        )  # fmt: skip
-        self.decisions = Counter(
-            "router_route_decisions_total", "Routing decisions, by side and reason.",
-            ["target", "reason"], registry=r,
-        )  # fmt: skip
-        self.flag_ready = Gauge(
-            "router_flag_source_ready", "1 once flag data has loaded.", registry=r
-        )
-        self.flag_updates = Counter(
-            "router_flag_updates_total", "Change events received for the routing flag.",
-            registry=r,
-        )  # fmt: skip
-        self.pool_connections = Gauge(
-            "router_pool_connections", "Upstream connections, by side and state (idle/active).",
-            ["target", "state"], registry=r,
-        )  # fmt: skip
-        self.request_bytes = Counter(
-            "router_request_bytes_total", "Request body bytes sent upstream.", ["target"],
-            registry=r,
-        )  # fmt: skip
-        self.response_bytes = Counter(
-            "router_response_bytes_total", "Response body bytes relayed to clients.", ["target"],
-            registry=r,
-        )  # fmt: skip
-        self._children: dict[Any, Any] = {}
-
-    def _child(self, metric: Any, *labels: str) -> Any:
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.decisions: dict[tuple[str, str], int] = {}
+        self.upstream_errors: dict[tuple[str, str], int] = {}
+        self.inflight = dict.fromkeys(METRIC_TARGETS, 0)
+        self.request_bytes = dict.fromkeys(METRIC_TARGETS, 0)
+        self.response_bytes = dict.fromkeys(METRIC_TARGETS, 0)
+        self.duration = {t: Histogram(LATENCY_BUCKETS) for t in METRIC_TARGETS}
+        self.connect_duration = {t: Histogram(CONNECT_BUCKETS) for t in METRIC_TARGETS}
+        self.flag_updates = 0
+        self.hold_timeouts = 0
+        self.ratchet_refusals = 0
+        self.override_rejections: dict[str, int] = {}
+        self.held: Callable[[], int] = lambda: 0
+        # Read at scrape time (set by RouterApp): flag readiness and pool sizes.
+        self.flag_ready: Callable[[], bool] = lambda: False
+        self.pool_sizes: Callable[[], Iterable[tuple[str, int, int]]] = lambda: ()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(RouterCollector(self.snapshot))
 
     # ---- hot path ----------------------------------------------------------------------
 
     def request_started(self, target: str, reason: str) -> None:
-        self._child(self.decisions, target, reason).inc()
-        self._child(self.inflight, target).inc()
+        decisions = self.decisions
+        key = (target, reason)
+        decisions[key] = decisions.get(key, 0) + 1
+        self.inflight[target] += 1
+
+    def decided(self, target: str, reason: str) -> None:
+        """A decision that does not (yet) send the request anywhere: `hold`."""
+        decisions = self.decisions
+        key = (target, reason)
+        decisions[key] = decisions.get(key, 0) + 1
+
+    def override_rejected(self, reason: str) -> None:
+        rejections = self.override_rejections
+        rejections[reason] = rejections.get(reason, 0) + 1
 
     def request_finished(
         self,
@@ -100,23 +157,166 @@ class Metrics:
         bytes_out: int,
         upstream_error: str | None,
     ) -> None:
-        self._child(self.inflight, target).dec()
+        self.inflight[target] -= 1
         if method not in METHODS:
             method = "OTHER"
-        self._child(self.requests, target, method, str(status)).inc()
-        self._child(self.duration, target).observe(seconds)
+        requests = self.requests
+        key = (target, method, status)
+        requests[key] = requests.get(key, 0) + 1
+        self.duration[target].observe(seconds)
         if bytes_in:
-            self._child(self.request_bytes, target).inc(bytes_in)
+            self.request_bytes[target] += bytes_in
         if bytes_out:
-            self._child(self.response_bytes, target).inc(bytes_out)
+            self.response_bytes[target] += bytes_out
         if upstream_error is not None:
-            self._child(self.upstream_errors, target, upstream_error).inc()
+            errors = self.upstream_errors
+            ekey = (target, upstream_error)
+            errors[ekey] = errors.get(ekey, 0) + 1
 
-    def local_reply(self, method: str, status: int) -> None:
-        """A request answered by the router itself before any side was chosen."""
+    def local_reply(self, method: str, status: int, target: str = "none") -> None:
+        """A request answered by the router itself: before any side was chosen (target
+        none), or held and then refused (target hold)."""
         if method not in METHODS:
             method = "OTHER"
-        self._child(self.requests, "none", method, str(status)).inc()
+        if target not in ("none", "hold"):
+            target = "none"  # chosen, but refused before reaching it (ledger unavailable)
+        requests = self.requests
+        key = (target, method, status)
+        requests[key] = requests.get(key, 0) + 1
 
     def connected(self, target: str, seconds: float) -> None:
-        self._child(self.connect_duration, target).observe(seconds)
+        self.connect_duration[target].observe(seconds)
+
+    def flag_updated(self) -> None:
+        self.flag_updates += 1
+
+    # ---- scrape ------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """This worker's figures as JSON-able data (what siblings send each other)."""
+        counters: dict[str, list[Any]] = {
+            "router_requests_total": [
+                [[t, m, str(c)], v] for (t, m, c), v in self.requests.items()
+            ],
+            "router_route_decisions_total": [[list(k), v] for k, v in self.decisions.items()],
+            "router_upstream_errors_total": [[list(k), v] for k, v in self.upstream_errors.items()],
+            "router_request_bytes_total": [[[t], v] for t, v in self.request_bytes.items() if v],
+            "router_response_bytes_total": [[[t], v] for t, v in self.response_bytes.items() if v],
+            "router_flag_updates_total": [[[], self.flag_updates]],
+            "router_hold_timeouts_total": [[[], self.hold_timeouts]],
+            "router_ratchet_refusals_total": [[[], self.ratchet_refusals]],
+            "router_override_rejections_total": [
+                [[r], v] for r, v in self.override_rejections.items()
+            ],
+        }
+        pools: list[Any] = []
+        for target, idle, active in self.pool_sizes():
+            pools.append([[target, "idle"], idle])
+            pools.append([[target, "active"], active])
+        gauges: dict[str, list[Any]] = {
+            "router_inflight_requests": [[[t], v] for t, v in self.inflight.items() if t != "none"],
+            "router_flag_source_ready": [[[], 1 if self.flag_ready() else 0]],
+            "router_pool_connections": pools,
+            "router_held_requests": [[[], self.held()]],
+            "router_workers": [[["answered"], 1]],
+        }
+        histograms: dict[str, list[Any]] = {
+            "router_request_duration_seconds": [
+                [[t], list(h.counts), h.sum] for t, h in self.duration.items() if any(h.counts)
+            ],
+            "router_upstream_connect_duration_seconds": [
+                [[t], list(h.counts), h.sum]
+                for t, h in self.connect_duration.items()
+                if any(h.counts)
+            ],
+        }
+        return {"counters": counters, "gauges": gauges, "histograms": histograms}
+
+
+def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
+    """The sum of several workers' snapshots (gauges in _MIN_GAUGES: the minimum)."""
+    totals: dict[str, dict[str, dict[tuple[str, ...], Any]]] = {
+        "counters": {}, "gauges": {}, "histograms": {}
+    }  # fmt: skip
+    for snap in snapshots:
+        for kind in ("counters", "gauges"):
+            for name, series in snap.get(kind, {}).items():
+                merged = totals[kind].setdefault(name, {})
+                for labels, value in series:
+                    key = tuple(labels)
+                    if key not in merged:
+                        merged[key] = value
+                    elif name in _MIN_GAUGES:
+                        merged[key] = min(merged[key], value)
+                    else:
+                        merged[key] += value
+        for name, series in snap.get("histograms", {}).items():
+            merged = totals["histograms"].setdefault(name, {})
+            for labels, counts, total in series:
+                key = tuple(labels)
+                if key in merged:
+                    old_counts, old_total = merged[key]
+                    merged[key] = ([a + b for a, b in zip(old_counts, counts, strict=True)],
+                                   old_total + total)  # fmt: skip
+                else:
+                    merged[key] = (list(counts), total)
+    result: Snapshot = {}
+    for kind, families in totals.items():
+        result[kind] = {}
+        for name, merged_series in families.items():
+            if kind == "histograms":
+                result[kind][name] = [[list(k), c, s] for k, (c, s) in merged_series.items()]
+            else:
+                result[kind][name] = [[list(k), v] for k, v in merged_series.items()]
+    return result
+
+
+def families(snapshot: Snapshot) -> Iterator[Metric]:
+    """Prometheus metric families for a snapshot, every family of FAMILIES present."""
+    values: dict[str, list[Any]] = {}
+    for kind in ("counters", "gauges", "histograms"):
+        values.update(snapshot.get(kind, {}))
+    for name, (kind, help_text, labels) in FAMILIES.items():
+        series = values.get(name, [])
+        family: Any
+        if kind == "counter":
+            family = CounterMetricFamily(name, help_text, labels=labels)
+            for label_values, value in series:
+                family.add_metric(label_values, value)
+        elif kind == "gauge":
+            family = GaugeMetricFamily(name, help_text, labels=labels)
+            for label_values, value in series:
+                family.add_metric(label_values, value)
+        else:
+            bounds = _BUCKETS[name]
+            family = HistogramMetricFamily(name, help_text, labels=labels)
+            for label_values, counts, total in series:
+                cumulative = 0
+                buckets: list[tuple[str, float]] = []
+                for bound, count in zip((*map(_float_label, bounds), "+Inf"), counts, strict=True):
+                    cumulative += count
+                    buckets.append((bound, cumulative))
+                family.add_metric(label_values, buckets, total)
+        yield family
+
+
+def _float_label(value: float) -> str:
+    # The `le` spelling prometheus-client uses for its own histograms ("0.005", "1.0").
+    return repr(float(value))
+
+
+class RouterCollector(Collector):
+    """Renders a snapshot source (this worker's, or the merged figures of all workers)."""
+
+    def __init__(self, source: Callable[[], Snapshot]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[Metric]:
+        return families(self._source())
+
+
+def render(snapshot: Snapshot) -> bytes:
+    """Prometheus text exposition of a snapshot."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RouterCollector(lambda: snapshot))
+    return generate_latest(registry)

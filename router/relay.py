@@ -19,14 +19,12 @@ Header rules (RFC 9110 7.6.1), both directions:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
-from aiohttp.http import HttpVersion11
-from multidict import CIMultiDict
 
 from router.errors import BadRequest, RouterError, UpstreamReset
 from router.upstream import RETRYABLE_METHODS, UpstreamConnection, UpstreamPool, UpstreamResponse
@@ -46,7 +44,12 @@ _ROUTER_OWNED_REQUEST: Final = frozenset(
 )  # fmt: skip
 _DROP_REQUEST: Final = HOP_BY_HOP | _ROUTER_OWNED_REQUEST
 _DROP_RESPONSE: Final = HOP_BY_HOP | {b"x-request-id", b"content-length"}
+# A field whose name length is not among these cannot be in the set: most fields are
+# kept after one len() and one lookup, without lower-casing their name.
+_DROP_REQUEST_LENGTHS: Final = frozenset(map(len, _DROP_REQUEST))
+_DROP_RESPONSE_LENGTHS: Final = frozenset(map(len, _DROP_RESPONSE))
 
+_NOTHING: Final[frozenset[bytes]] = frozenset()
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 _CHUNK_END: Final = b"0\r\n\r\n"
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -78,57 +81,53 @@ class HeaderRules:
         # could normalise to a router-owned field. Compared after mapping '_' to '-'.
         self.underscore_spellings = frozenset(n.encode() for n in owned)
 
-    def drop_request_header(self, lname: bytes, connection_named: frozenset[bytes]) -> bool:
-        if lname in _DROP_REQUEST or lname in connection_named:
-            return True
-        return b"_" in lname and lname.replace(b"_", b"-") in self.underscore_spellings
-
-
-class ForwardInfo:
-    """Per-request facts the relay needs, produced by the earlier phases."""
-
-    __slots__ = ("host", "proto", "request_id", "target")
-
-    def __init__(self, target: bytes, host: str, proto: str, request_id: str) -> None:
-        self.target = target  # origin-form request target
-        self.host = host  # the client's Host (after absolute-form normalisation)
-        self.proto = proto
-        self.request_id = request_id
-
 
 def build_request_head(
     request: web.BaseRequest,
-    info: ForwardInfo,
+    target: bytes,
+    host: str,
+    request_id: str,
+    client: str,
     pool: UpstreamPool,
     rules: HeaderRules,
     has_body: bool,
     chunked: bool,
 ) -> bytes:
+    """The request head for the upstream: the client's fields minus the hop-by-hop and
+    router-owned ones, then the router's own (Host, framing, X-Forwarded-*, X-Request-Id).
+
+    `target` is the origin-form request target, `host` the client's effective Host (after
+    absolute-form normalisation), `client` the peer address.
+    """
     raw_headers = request.raw_headers
     connection_named = (
-        connection_tokens(raw_headers) if "Connection" in request.headers else frozenset()
+        connection_tokens(raw_headers) if "Connection" in request.headers else _NOTHING
     )
-    host = (
-        info.host.encode("latin-1")
-        if pool.settings.host_header == "preserve" and info.host
-        else pool.authority
-    )
+    host_bytes = host.encode("latin-1")
     parts = [
         request.method.encode("ascii"),
         b" ",
-        info.target,
+        target,
         b" HTTP/1.1\r\nHost: ",
-        host,
+        host_bytes if pool.preserve_host and host else pool.authority,
         b"\r\n",
     ]
-    append = parts.append
+    extend = parts.extend
     forwarded_for = b""
     forwarded_proto = b""
     forwarded_host = b""
-    drop = rules.drop_request_header
+    underscored = rules.underscore_spellings
+    check_all = bool(connection_named)
     for name, value in raw_headers:
+        if not check_all and len(name) not in _DROP_REQUEST_LENGTHS and b"_" not in name:
+            extend((name, b": ", value, b"\r\n"))
+            continue
         lname = name.lower()
-        if drop(lname, connection_named):
+        if (
+            lname in _DROP_REQUEST
+            or lname in connection_named
+            or (b"_" in lname and lname.replace(b"_", b"-") in underscored)
+        ):
             if lname == b"x-forwarded-for":
                 forwarded_for = value if not forwarded_for else forwarded_for + b", " + value
             elif lname == b"x-forwarded-proto":
@@ -136,98 +135,145 @@ def build_request_head(
             elif lname == b"x-forwarded-host":
                 forwarded_host = value
             continue
-        append(name)
-        append(b": ")
-        append(value)
-        append(b"\r\n")
+        extend((name, b": ", value, b"\r\n"))
     if has_body:
         if chunked:
-            append(b"Transfer-Encoding: chunked\r\n")
+            parts.append(b"Transfer-Encoding: chunked\r\n")
         else:
-            append(b"Content-Length: %d\r\n" % (request.content_length or 0))
-    peer = request.remote or ""
-    client = peer.encode("ascii", "replace")
-    append(b"X-Forwarded-For: ")
-    append(forwarded_for + b", " + client if forwarded_for else client)
-    append(b"\r\nX-Forwarded-Proto: ")
-    append(forwarded_proto or info.proto.encode("ascii"))
-    append(b"\r\nX-Forwarded-Host: ")
-    append(forwarded_host or info.host.encode("latin-1"))
-    append(b"\r\nX-Request-Id: ")
-    append(info.request_id.encode("ascii"))
-    append(b"\r\n\r\n")
+            parts.append(b"Content-Length: %d\r\n" % (request.content_length or 0))
+    peer = client.encode("ascii", "replace")
+    extend(
+        (
+            b"X-Forwarded-For: ",
+            forwarded_for + b", " + peer if forwarded_for else peer,
+            b"\r\nX-Forwarded-Proto: ",
+            forwarded_proto or b"http",
+            b"\r\nX-Forwarded-Host: ",
+            forwarded_host or host_bytes,
+            b"\r\nX-Request-Id: ",
+            request_id.encode("ascii"),
+            b"\r\n\r\n",
+        )
+    )
     return b"".join(parts)
 
 
-class ProxyResponse(web.StreamResponse):
-    """A StreamResponse that relays the upstream's head as is.
+# How the response body is delimited towards the client.
+HEAD_ONLY: Final = 0  # HEAD, 204, 304: no body whatever the fields say
+BY_LENGTH: Final = 1  # the upstream's Content-Length
+CHUNKED: Final = 2  # unknown length, HTTP/1.1 client
+BY_CLOSE: Final = 3  # unknown length, HTTP/1.0 client: the close ends the body
 
-    aiohttp's own `_prepare_headers` adds Content-Type, Date and Server when missing and
-    drops Content-Length from 304s; a transparent proxy must do none of that. Here only the
-    framing is decided: the upstream's Content-Length if it sent one, else chunked (HTTP/1.1
-    clients) or close-delimited (HTTP/1.0 clients).
+_STATUS_LINES: dict[tuple[int, int], bytes] = {}
+
+
+def status_line(minor: int, status: int) -> bytes:
+    """`HTTP/1.x NNN Phrase\\r\\n`, built once per (version, status): RFC 9110's phrase, or
+    none for codes it does not name (the reason phrase carries no meaning)."""
+    line = _STATUS_LINES.get((minor, status))
+    if line is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        line = _STATUS_LINES[(minor, status)] = f"HTTP/1.{minor} {status} {phrase}\r\n".encode()
+    return line
+
+
+def encode_response_head(
+    upstream: UpstreamResponse,
+    request_id: str,
+    routed_to: bytes | None,
+    head_request: bool,
+    client_minor: int,
+    client_keep_alive: bool,
+) -> tuple[bytes, int, bool]:
+    """The response head for the client, its framing, and whether the connection stays open.
+
+    The upstream's fields are relayed as they came (a transparent proxy adds no Date,
+    Server or Content-Type), minus the hop-by-hop ones; only the framing is decided here.
+    """
+    status = upstream.status
+    headers = upstream.headers
+    named = connection_tokens(headers) if upstream.has_connection else _NOTHING
+    parts = [status_line(client_minor, status)]
+    extend = parts.extend
+    for name, value in headers:
+        if (named or len(name) in _DROP_RESPONSE_LENGTHS) and (
+            (lname := name.lower()) in _DROP_RESPONSE or lname in named
+        ):
+            continue
+        extend((name, b": ", value, b"\r\n"))
+    keep_alive = client_keep_alive
+    length = None if upstream.chunked else upstream.content_length
+    if head_request or status in (204, 304) or status < 200:
+        framing = HEAD_ONLY
+        # HEAD and 304 keep the length the upstream announced; 204 has none (RFC 9110 8.6).
+        if length is not None and status != 204 and status >= 200:
+            parts.append(b"Content-Length: %d\r\n" % length)
+    elif length is not None:
+        framing = BY_LENGTH
+        parts.append(b"Content-Length: %d\r\n" % length)
+    elif client_minor >= 1:
+        framing = CHUNKED
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    else:
+        framing = BY_CLOSE
+        keep_alive = False
+    if not keep_alive:
+        parts.append(b"Connection: close\r\n")
+    elif client_minor == 0:
+        parts.append(b"Connection: keep-alive\r\n")
+    extend((b"X-Request-Id: ", request_id.encode("ascii"), b"\r\n"))
+    if routed_to is not None:
+        extend((b"X-Routed-To: ", routed_to, b"\r\n"))
+    parts.append(b"\r\n")
+    return b"".join(parts), framing, keep_alive
+
+
+class RelayedResponse(web.StreamResponse):
+    """What the handler hands back to aiohttp once it has written the response itself.
+
+    The relay writes the status line, fields and body as raw bytes through the request's
+    own writer (aiohttp's StreamWriter: its byte counts and its backpressure), head and
+    first body bytes in one write: building an aiohttp header multidict, decoding every
+    field to str and having aiohttp serialise it back cost more than the rest of a small
+    request. aiohttp then only needs to know that the response is complete (prepare and
+    write_eof do nothing) and whether the connection stays open, so the two possible
+    answers are built once: `RELAYED_KEEP_ALIVE` and `RELAYED_CLOSE`.
     """
 
-    __slots__ = ("_upstream_length",)
+    __slots__ = ("_relayed_keep_alive",)
 
-    def __init__(self, status: int, headers: CIMultiDict[str], content_length: int | None) -> None:
-        super().__init__(status=status, headers=headers)
-        self._upstream_length = content_length
+    def __init__(self, keep_alive: bool) -> None:
+        super().__init__()
+        self._relayed_keep_alive = keep_alive
 
-    async def _prepare_headers(self) -> None:
-        request = self._req
-        writer = self._payload_writer
-        assert request is not None and writer is not None
-        keep_alive = request.keep_alive if self._keep_alive is None else self._keep_alive
-        headers = self._headers
-        if self._must_be_empty_body:  # HEAD, 204, 304: head only, framing fields as sent
-            if self.status == 204 or self.status < 200:
-                headers.popall("Content-Length", None)
-            elif self._upstream_length is not None:
-                headers["Content-Length"] = str(self._upstream_length)
-        elif self._upstream_length is not None:
-            writer.length = self._upstream_length
-            headers["Content-Length"] = str(self._upstream_length)
-        elif request.version >= HttpVersion11:
-            writer.enable_chunking()
-            headers["Transfer-Encoding"] = "chunked"
-        else:
-            keep_alive = False  # HTTP/1.0 client, unknown length: the close ends the body
-        self._keep_alive = keep_alive
-        if not keep_alive:
-            headers["Connection"] = "close"
-        elif request.version < HttpVersion11:
-            headers["Connection"] = "keep-alive"
+    @property
+    def keep_alive(self) -> bool:
+        return self._relayed_keep_alive
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        return None  # already written
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None  # already written
 
 
-def response_headers(
-    upstream: UpstreamResponse, request_id: str, routed_to: str | None
-) -> CIMultiDict[str]:
-    named = connection_tokens(upstream.headers)
-    headers: CIMultiDict[str] = CIMultiDict()
-    add = headers.add
-    for name, value in upstream.headers:
-        lname = name.lower()
-        if lname in _DROP_RESPONSE or lname in named:
-            continue
-        add(name.decode("latin-1"), value.decode("latin-1"))
-    add("X-Request-Id", request_id)
-    if routed_to is not None:
-        add("X-Routed-To", routed_to)
-    return headers
+RELAYED_KEEP_ALIVE: Final = RelayedResponse(keep_alive=True)
+RELAYED_CLOSE: Final = RelayedResponse(keep_alive=False)
 
 
 class Exchange:
     """One request/response through an upstream pool, with byte counts for the record phase."""
 
-    __slots__ = ("body_task", "bytes_in", "bytes_out", "conn", "connect_seconds", "upstream_status")
+    __slots__ = ("body_task", "bytes_in", "bytes_out", "conn", "connect_seconds")
 
     def __init__(self) -> None:
         self.conn: UpstreamConnection | None = None
         self.body_task: asyncio.Task[None] | None = None
         self.bytes_in = 0
         self.bytes_out = 0
-        self.upstream_status = 0
         self.connect_seconds = 0.0  # time to open a new connection (0 when one was reused)
 
     async def send(
@@ -239,24 +285,35 @@ class Exchange:
         chunked: bool,
     ) -> UpstreamResponse:
         """Send the request and return the response head; retries once where safe."""
-        method = request.method
-        started = time.perf_counter()
-        conn = await pool.acquire()
-        if conn.requests == 0:
-            self.connect_seconds = time.perf_counter() - started
+        conn = pool.acquire_idle()
+        if conn is None:
+            started = time.perf_counter()
+            conn = await pool.acquire()
+            if conn.requests == 0:
+                self.connect_seconds = time.perf_counter() - started
         reused = conn.requests > 0
         try:
-            return await self._attempt(conn, request, pool, head, has_body, chunked)
+            if has_body:
+                return await self._attempt(conn, request, pool, head, has_body, chunked)
+            # No body (most requests): the same as _attempt, one coroutine fewer.
+            self.conn = conn
+            conn.start_request(head, request.method == "HEAD")
+            return await conn.response_head(pool.response_header_timeout)
         except UpstreamReset:
             # A reused connection that died before any byte of a response came back: the
             # upstream closed it as we reused it (the stale-connection race). Resend once on
             # a fresh connection if the request can be replayed: no body was consumed, and
             # the method is idempotent.
             if not (
-                reused and not conn.received_any and not has_body and method in RETRYABLE_METHODS
+                reused
+                and not conn.received_any
+                and not has_body
+                and request.method in RETRYABLE_METHODS
             ):
                 raise
+        started = time.perf_counter()
         conn = await pool.connect()
+        self.connect_seconds = time.perf_counter() - started
         return await self._attempt(conn, request, pool, head, has_body, chunked)
 
     async def _attempt(
@@ -280,9 +337,7 @@ class Exchange:
             await asyncio.wait((body_task, head_waiter), return_when=asyncio.FIRST_COMPLETED)
             if body_task.done() and not head_waiter.done():
                 body_task.result()  # raises if the client or the upstream side failed
-        response = await conn.response_head(pool.response_header_timeout)
-        self.upstream_status = response.status
-        return response
+        return await conn.response_head(pool.response_header_timeout)
 
     async def _send_body(
         self, request: web.BaseRequest, conn: UpstreamConnection, chunked: bool, timeout: float
@@ -300,9 +355,7 @@ class Exchange:
                 break
             self.bytes_in += len(chunk)
             if chunked:
-                write(b"%x\r\n" % len(chunk))
-                write(chunk)
-                write(b"\r\n")
+                write(b"".join((b"%x\r\n" % len(chunk), chunk, b"\r\n")))
             else:
                 write(chunk)
             await conn.drain(timeout)
@@ -310,24 +363,39 @@ class Exchange:
             write(_CHUNK_END)
 
     async def relay(
-        self,
-        request: web.BaseRequest,
-        upstream: UpstreamResponse,
-        response: ProxyResponse,
-        read_timeout: float,
+        self, request: web.BaseRequest, head: bytes, framing: int, read_timeout: float
     ) -> None:
-        """Stream the upstream body to the client; on upstream failure, abort the client."""
+        """Write the response head, then stream the body; on upstream failure, abort the
+        client connection (a truncated body must not look complete)."""
         conn = self.conn
         assert conn is not None
-        await response.prepare(request)
-        write = response.write
+        write = request.writer.write
+        if framing == HEAD_ONLY:
+            await write(head)
+            return
+        # Whatever body arrived with the head goes out in the same write: for a small
+        # response, that is the whole of it, in one syscall.
+        body = conn.take_buffered()
+        if body:
+            self.bytes_out += len(body)
+            if framing == CHUNKED:
+                body = b"".join((b"%x\r\n" % len(body), body, b"\r\n"))
+        done = conn.body_complete
+        if done and framing == CHUNKED:
+            body += _CHUNK_END
+        await write(head + body if body else head)
+        if done:
+            return
         try:
             while True:
                 chunk = await conn.read(read_timeout)
                 if not chunk:
                     break
                 self.bytes_out += len(chunk)
-                await write(chunk)
+                if framing == CHUNKED:
+                    await write(b"".join((b"%x\r\n" % len(chunk), chunk, b"\r\n")))
+                else:
+                    await write(chunk)
         except RouterError:
             # Headers are gone: the only honest signal left is to abort the client
             # connection, so it cannot mistake a truncated body for a complete one.
@@ -335,7 +403,8 @@ class Exchange:
             if transport is not None:
                 transport.abort()
             raise
-        await response.write_eof()
+        if framing == CHUNKED:
+            await write(_CHUNK_END)
 
     def finish(self, pool: UpstreamPool) -> None:
         """Return the connection to the pool if it is clean, else drop it."""
@@ -373,8 +442,3 @@ def origin_form(request: web.BaseRequest) -> tuple[bytes, str]:
     if raw.lower().startswith(("http://", "https://")) and url.raw_host:
         return (url.raw_path_qs or "/").encode("latin-1"), url.raw_authority
     raise BadRequest(f"unsupported request target {raw[:100]!r}")
-
-
-async def close_quietly(response: web.StreamResponse) -> None:
-    with contextlib.suppress(Exception):
-        await response.write_eof()

@@ -20,22 +20,25 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from typing import Any
 
 from aiohttp import web
 
 from router.accesslog import configure_logging
-from router.admin import build_admin_app
+from router.admin import build_admin_app, build_internal_app
 from router.app import RouterApp
 from router.settings import Settings
+from router.workers import WORKER_COUNT_ENV, WORKER_DIR_ENV, WORKER_ID_ENV, WorkerInfo
 
 log = logging.getLogger("router.server")
 
 # Set in worker processes started by the supervisor.
-_WORKER_ENV = "ROUTER_WORKER_ID"
+_WORKER_ENV = WORKER_ID_ENV
 
 
 def install_uvloop() -> None:
@@ -49,11 +52,20 @@ def install_uvloop() -> None:
 
 async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
     loop = asyncio.get_running_loop()
-    app = RouterApp(settings, loop)
+    worker = WorkerInfo.from_env()
+    app = RouterApp(settings, loop, worker)
     server_settings = settings.server
 
     admin_runner = web.AppRunner(build_admin_app(app), access_log=None, handle_signals=False)
     await admin_runner.setup()
+    internal_runner: web.AppRunner | None = None
+    if worker is not None:
+        # The private admin socket siblings ask for this worker's figures (workers.py).
+        internal_runner = web.AppRunner(
+            build_internal_app(app), access_log=None, handle_signals=False
+        )
+        await internal_runner.setup()
+        await web.UnixSite(internal_runner, str(worker.own_socket)).start()
     admin_host, admin_port = server_settings.admin_addr
     admin_site = web.TCPSite(admin_runner, admin_host, admin_port, reuse_port=reuse_port)
     proxy = app.proxy_server()
@@ -68,6 +80,8 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
     except OSError as exc:
         log.error(f"cannot listen on {which}: {exc.strerror or exc}")
         await admin_runner.cleanup()
+        if internal_runner is not None:
+            await internal_runner.cleanup()
         await app.close()
         return 1
 
@@ -130,6 +144,8 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
         await listener.wait_closed()
     # Step 5: release resources.
     await admin_runner.cleanup()
+    if internal_runner is not None:
+        await internal_runner.cleanup()
     if not flags_started.done():
         flags_started.cancel()
     await app.close()
@@ -180,12 +196,17 @@ def run(settings: Settings) -> int:
     configure_logging(settings.log_level)
     workers = settings.server.workers
     if workers > 1 and _WORKER_ENV not in os.environ:
-        return supervise(workers)
+        # The workers' private admin sockets (workers.py) live here, owner-only.
+        directory = tempfile.mkdtemp(prefix="router-workers-")
+        try:
+            return supervise(workers, directory)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
     install_uvloop()
     return asyncio.run(serve(settings, reuse_port=_WORKER_ENV in os.environ))
 
 
-def supervise(workers: int) -> int:
+def supervise(workers: int, directory: str) -> int:
     """Start N worker processes with the same command line; forward signals; reap them.
 
     Workers run in their own process group, so a Ctrl-C in a terminal reaches them once,
@@ -214,7 +235,10 @@ def supervise(workers: int) -> int:
     for index in range(workers):
         if stopping:
             break  # signalled while starting: start no more
-        env = dict(os.environ, **{_WORKER_ENV: str(index)})
+        env = dict(
+            os.environ,
+            **{_WORKER_ENV: str(index), WORKER_COUNT_ENV: str(workers), WORKER_DIR_ENV: directory},
+        )
         child = subprocess.Popen(
             [sys.executable, "-m", "router", *sys.argv[1:]], env=env, process_group=0
         )

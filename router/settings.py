@@ -235,6 +235,41 @@ class ServerSettings(_Frozen):
         return _split_host_port(self.admin_listen)
 
 
+class PinnedPath(_Frozen):
+    """Requests whose path matches `pattern` always go to `target` (reason `pinned-path`):
+    for example lifecycle callbacks that one side must receive whatever the tenant's flag.
+
+    The pattern is matched against the path without its query: `*` matches within one
+    segment, `**` across segments, anything else literally; it must match the whole path
+    (`/lifecycle/**` for everything under /lifecycle/).
+    """
+
+    pattern: str
+    target: Target
+
+    @field_validator("pattern")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"must start with '/', got {v!r}")
+        return v
+
+
+class RoutingSettings(_Frozen):
+    # How long a request for a tenant in `hold` waits for the flag to move on before a 503
+    # hold_timeout. Below the ALB's 60 s idle timeout, so the client gets our answer rather
+    # than the ALB's 504; a single-tenant cutover takes seconds, not minutes.
+    hold_timeout: PositiveSeconds = 20.0
+    # Held requests are bounded, per tenant and in total: beyond, 503 hold_timeout at once
+    # rather than memory that grows with a client's retries.
+    max_held_per_tenant: int = Field(default=1000, ge=1)
+    max_held_total: int = Field(default=10_000, ge=1)
+    pinned_paths: list[PinnedPath] = Field(default_factory=list)
+    # A signed X-Router-Target is honoured for this long after its timestamp (and as long
+    # before it, for clock skew between the test runner and the router).
+    override_window: PositiveSeconds = 300.0
+
+
 class AccessLogSettings(_Frozen):
     enabled: bool = True
     # Fraction of successful requests logged; errors (status >= 500 or an error code)
@@ -248,8 +283,10 @@ class Settings(_Frozen):
     flags: FlagSettings = Field(default_factory=FlagSettings)
     upstreams: UpstreamsSettings
     access_log: AccessLogSettings = Field(default_factory=AccessLogSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    # Reserved for the cutover features; accepted now so the contract is stable.
+    # The ratchet ledger (ledger.py): sqlite:///path (one router) or redis://host:port/db
+    # (a fleet: every instance must see the same ledger).
     ledger: str = "sqlite:///router-ledger.db"
     admin_token: str | None = None
     override_secret: str | None = None

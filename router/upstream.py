@@ -56,28 +56,31 @@ _LOW_WATER: Final = 64 * 1024
 
 # Limits on a response head; beyond them the response is refused as upstream_bad_response
 # rather than grown without bound.
+# Lengths of "connection", "content-length" and "transfer-encoding".
+_FRAMING_NAME_LENGTHS: Final = frozenset({10, 14, 17})
+
 MAX_RESPONSE_HEADERS: Final = 200
 MAX_RESPONSE_HEAD_BYTES: Final = 64 * 1024
 
 
 class UpstreamResponse:
-    __slots__ = ("chunked", "content_length", "headers", "keep_alive", "reason", "status")
+    __slots__ = ("chunked", "content_length", "has_connection", "headers", "keep_alive", "status")
 
     def __init__(
         self,
         status: int,
-        reason: bytes,
         headers: list[tuple[bytes, bytes]],
         content_length: int | None,
         chunked: bool,
         keep_alive: bool,
+        has_connection: bool,
     ) -> None:
         self.status = status
-        self.reason = reason
         self.headers = headers
         self.content_length = content_length
         self.chunked = chunked
         self.keep_alive = keep_alive
+        self.has_connection = has_connection  # a Connection field (it may name more hop-by-hop)
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -131,7 +134,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _reset_request_state(self) -> None:
         self._head_waiter: asyncio.Future[UpstreamResponse] | None = None
-        self._body: collections.deque[bytes] = collections.deque()
+        self._body: collections.deque[bytes] = collections.deque()  # empty after a clean response
         self._body_buffered = 0
         self._body_done = False
         self._body_waiter: asyncio.Future[None] | None = None
@@ -229,9 +232,14 @@ class UpstreamConnection(asyncio.Protocol):
         self._status = status
         content_length: int | None = None
         chunked = False
+        has_connection = False
         for name, value in self._headers:
+            if len(name) not in _FRAMING_NAME_LENGTHS:
+                continue  # most fields: not one of the three below, no lower() needed
             lname = name.lower()
-            if lname == b"content-length":
+            if lname == b"connection":
+                has_connection = True
+            elif lname == b"content-length":
                 # llhttp already rejects malformed and conflicting values.
                 content_length = int(value)
             elif lname == b"transfer-encoding":
@@ -245,7 +253,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._chunked = chunked
         self._keep_alive = bool(parser.should_keep_alive())
         response = UpstreamResponse(
-            status, b"", self._headers, content_length, chunked, self._keep_alive
+            status, self._headers, content_length, chunked, self._keep_alive, has_connection
         )
         waiter = self._head_waiter
         self._cancel_timer()
@@ -279,8 +287,11 @@ class UpstreamConnection(asyncio.Protocol):
     # ---- request side ------------------------------------------------------------------
 
     def start_request(self, head: bytes, no_body_expected: bool) -> None:
-        """Write a request head; the body (if any) follows via write()."""
-        self._reset_request_state()
+        """Write a request head; the body (if any) follows via write().
+
+        The per-request state is fresh: set by __init__ for a new connection, reset by
+        UpstreamPool.release for a reused one (a failed connection is never reused).
+        """
         self._expect_no_body = no_body_expected
         self._head_waiter = self._loop.create_future()
         self.requests += 1
@@ -339,6 +350,25 @@ class UpstreamConnection(asyncio.Protocol):
             finally:
                 self._body_waiter = None
                 self._cancel_timer()
+
+    def take_buffered(self) -> bytes:
+        """All response body bytes buffered so far (b"" if none), without waiting."""
+        body = self._body
+        if not body:
+            return b""
+        data = body.popleft() if len(body) == 1 else b"".join(body)
+        body.clear()
+        self._body_buffered = 0
+        if self._reading_paused:
+            self._reading_paused = False
+            if self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+        return data
+
+    @property
+    def body_complete(self) -> bool:
+        """The whole response body has arrived (and nothing of it is left buffered)."""
+        return self._body_done and not self._body and self._error is None
 
     @property
     def head_waiter(self) -> asyncio.Future[UpstreamResponse]:
@@ -436,6 +466,7 @@ class UpstreamPool:
         self.host = settings.host
         self.port = settings.port
         self.authority = settings.authority.encode("ascii")
+        self.preserve_host = settings.host_header == "preserve"
         self.idle_timeout = settings.idle_timeout
         self.connect_timeout = settings.connect_timeout
         self.response_header_timeout = settings.response_header_timeout
@@ -461,6 +492,20 @@ class UpstreamPool:
         return len(self._all) - len(self._idle)
 
     # ---- acquire / release -------------------------------------------------------------
+
+    def acquire_idle(self) -> UpstreamConnection | None:
+        """The most recently used live idle connection, or None (the common case, no await)."""
+        idle = self._idle
+        if not idle:
+            return None
+        now = self.loop.time()
+        while idle:
+            conn = idle.pop()
+            if conn.eof or conn.closed or now - conn.idle_since >= self.idle_timeout:
+                conn.abort()
+                continue
+            return conn
+        return None
 
     async def acquire(self) -> UpstreamConnection:
         """A live connection: the most recently used idle one, or a new one."""

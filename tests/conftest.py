@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import socket
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +33,11 @@ from router.settings import Settings
 
 # The router serves on uvloop (server.py). Its error paths hang on transport behaviour
 # (EOF, abort, paused reading, TLS) that uvloop implements apart from asyncio, so the
-# error-path modules run every test on both loops; the others keep the default loop.
-_BOTH_LOOPS = frozenset({"test_upstream_errors.py", "test_client_errors.py", "test_tls.py"})
+# error-path modules and the fast path's own duties (test_fastpath.py) run every test on
+# both loops; the others keep the default loop.
+_BOTH_LOOPS = frozenset(
+    {"test_upstream_errors.py", "test_client_errors.py", "test_tls.py", "test_fastpath.py"}
+)
 
 
 def pytest_asyncio_loop_factories(
@@ -233,6 +237,10 @@ def flag_file(tmp_path: Path) -> Path:
 # ---- the router ----------------------------------------------------------------------
 
 
+ADMIN_TOKEN = "test-admin-token"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
 def router_settings(
     legacy_url: str, new_url: str, flag_file: Path | None, **overrides: Any
 ) -> Settings:
@@ -253,6 +261,10 @@ def router_settings(
         },
         "upstreams": {"legacy": {"url": legacy_url}, "new": {"url": new_url}},
         "access_log": {"enabled": False},
+        # Each router its own ledger, in the test's tmp dir: never the repo's cwd, and no
+        # ratchet carried from one test to the next.
+        "ledger": f"sqlite:///{Path(tempfile.mkdtemp(prefix='router-ledger-')) / 'ledger.db'}",
+        "admin_token": ADMIN_TOKEN,
     }
     for dotted, value in overrides.items():
         node = tree
@@ -304,6 +316,7 @@ async def start_router() -> AsyncIterator[StartRouter]:
             await app.close()
 
         cleanups.append(cleanup)
+        await app.ledger.start()
         await app.flags.start(wait=5.0 if wait_ready else 0.0)
         if wait_ready:
             assert app.flags.ready, "flag data did not load"

@@ -185,15 +185,9 @@ def test_dockerfile_exposes_the_configured_ports(
     assert exposed == {settings.server.listen_addr[1], settings.server.admin_addr[1]}
 
 
-def test_dockerfile_command_serves_a_config_that_is_in_the_image(
-    final_stage: list[tuple[str, str]],
-) -> None:
-    assert exec_form(only(final_stage, "ENTRYPOINT")) == ["router"]
-    cmd = exec_form(only(final_stage, "CMD"))
-    assert cmd[0] == "serve"
-    in_image = _arg(cmd, "--config")
-
-    # Follow WORKDIR and COPY (not COPY --from) to find which repo file lands there.
+def image_file_source(final_stage: list[tuple[str, str]], in_image: str) -> Path:
+    """The repo file that the final stage's WORKDIR and COPY (not COPY --from) put at the
+    absolute path `in_image`; fails if none does, if it is missing or .dockerignore'd."""
     workdir, source = "/", None
     for name, args in final_stage:
         if name == "WORKDIR":
@@ -209,10 +203,24 @@ def test_dockerfile_command_serves_a_config_that_is_in_the_image(
                     source = Path(src)
     assert source is not None, f"no COPY puts anything at {in_image}"
     assert (REPO / source).is_file(), f"{in_image} would come from {source}, which is missing"
-    ignored = (REPO / ".dockerignore").read_text().split()
+    ignored = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     for pattern in ignored:
         for part in (source, *source.parents):
             assert not fnmatch(str(part), pattern), f".dockerignore {pattern!r} drops {source}"
+    return source
+
+
+def test_dockerfile_command_serves_a_config_that_is_in_the_image(
+    final_stage: list[tuple[str, str]],
+) -> None:
+    assert exec_form(only(final_stage, "ENTRYPOINT")) == ["router"]
+    cmd = exec_form(only(final_stage, "CMD"))
+    assert cmd[0] == "serve"
+    image_file_source(final_stage, _arg(cmd, "--config"))
 
 
 def test_dockerfile_healthcheck_asks_admin_readyz(
@@ -304,6 +312,67 @@ def test_compose_env_vars_are_contract_names(compose: dict[str, Any]) -> None:
     assert names, "the router service sets no environment"
     unknown = names - _design_env_contract()
     assert not unknown, f"not in DESIGN.md's env contract: {sorted(unknown)}"
+
+
+def compose_mounts(service: dict[str, Any]) -> list[tuple[Path, str]]:
+    """(repo path, container path) of each bind mount from the repo (`./...`), short or
+    long syntax."""
+    mounts = []
+    for volume in service.get("volumes") or []:
+        if isinstance(volume, dict):
+            if volume.get("type", "bind") != "bind":
+                continue
+            src, dest = str(volume["source"]), str(volume["target"])
+        else:
+            src, dest = str(volume).split(":")[:2]
+        if src.startswith(("./", "../")) or src == ".":
+            mounts.append((Path(src), dest))
+    return mounts
+
+
+def test_compose_mounted_files_exist(compose: dict[str, Any]) -> None:
+    """Every file or directory a service mounts from the repo is in the repo: a missing one
+    makes Docker create an empty directory in its place, and the service then fails (or,
+    worse, runs with its image's default config)."""
+    found = 0
+    for name, service in compose.items():
+        for src, dest in compose_mounts(service):
+            found += 1
+            path = (REPO / src).resolve()
+            assert path.is_relative_to(REPO), f"{name}: {src} is outside the repo"
+            assert path.exists(), f"service {name} mounts {src} on {dest}: not in the repo"
+            suffix = Path(dest).suffix
+            if suffix:  # a file mounted on a file path, not a directory
+                assert path.is_file(), f"service {name}: {src} should be a file for {dest}"
+    assert found, "no service mounts anything from the repo"
+
+
+def test_compose_command_files_are_mounted(compose: dict[str, Any]) -> None:
+    """A file a service's command names (`-f FILE`, `--config.file=FILE`) is under one of its
+    mounts, and that repo file exists (locust's locustfile, Prometheus's config)."""
+    checked = 0
+    for name, service in compose.items():
+        command = service.get("command")
+        if not isinstance(command, list):
+            continue
+        files = []
+        for i, word in enumerate(command):
+            if word == "-f" and i + 1 < len(command):
+                files.append(command[i + 1])
+            elif word.startswith("--config.file="):
+                files.append(word.partition("=")[2])
+        for file in files:
+            repo_path = None
+            for src, dest in compose_mounts(service):
+                dest = dest.rstrip("/")
+                if file == dest:
+                    repo_path = src
+                elif file.startswith(dest + "/"):
+                    repo_path = src / file[len(dest) + 1 :]
+            assert repo_path is not None, f"service {name}: {file} is in no mounted directory"
+            assert (REPO / repo_path).is_file(), f"service {name}: {file} is {repo_path}: missing"
+            checked += 1
+    assert checked, "expected the locust and prometheus services to name their files"
 
 
 # --- Makefile and CI ---------------------------------------------------------------------

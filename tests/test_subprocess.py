@@ -34,6 +34,7 @@ from tests.procs import (
     alive,
     children,
     free_port,
+    request,
     run_router,
     wait_until,
     write_config,
@@ -162,9 +163,15 @@ def test_flags_set_moves_a_tenant_in_the_running_router(
     assert side(router.get("/", tenant="globex")) == "new"
     assert side(router.get("/", tenant="initech")) == "legacy"
     assert router.proc.popen.poll() is None
+    # acme has been served by new: flipping it back is refused by the ratchet.
     flips = run_router("flags", "set", "acme", "legacy", "--file", str(flag_file))
     assert flips.returncode == 0 and "new -> legacy" in flips.stdout
-    wait_until(lambda: side(router.get("/", tenant="acme")) == "legacy", 2.0, what="flip back")
+    wait_until(
+        lambda: router.get("/", tenant="acme").headers["X-Routed-To"] == "new; reason=ratchet",
+        2.0,
+        what="the ratchet to refuse the flip back",
+    )
+    assert side(router.get("/", tenant="acme")) == "new"
 
 
 # ---- (c) readiness before flag data ------------------------------------------------
@@ -362,6 +369,92 @@ def test_workers_share_the_port_and_stop_with_the_parent(
         assert not alive(pid), f"worker {pid} outlived its parent"
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", router.port), timeout=1).close()
+
+
+def _metric(text: str, name: str, labels: str = "") -> float:
+    """A sample's value in a Prometheus text exposition (0 when absent)."""
+    pattern = rf"^{re.escape(name)}{re.escape(labels)} (\S+)$" if labels else rf"^{name} (\S+)$"
+    match = re.search(pattern, text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def _worker_requests(socket_path: Path) -> float:
+    """Requests one worker counted itself, asked on its private admin socket."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(socket_path))
+        sock.sendall(b"GET /internal/snapshot HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n")
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    snapshot = json.loads(raw.partition(b"\r\n\r\n")[2])
+    return float(sum(v for _labels, v in snapshot["counters"]["router_requests_total"]))
+
+
+def test_workers_metrics_and_readiness_describe_the_whole_task(
+    procs: Procs, backends: tuple[Backend, Backend], tmp_path: Path, flag_file: Path
+) -> None:
+    """One scrape of the shared admin port sums every worker's figures, whichever worker
+    the kernel hands it to; /readyz answers for all of them."""
+    server = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "admin_listen": f"127.0.0.1:{free_port()}",
+        "drain_delay": 0.2,
+    }
+    router = start(procs, backends, tmp_path, flag_file, "--workers", "2", server=server)
+    workers = wait_until(lambda: len(children(router.pid)) == 2 and children(router.pid), 10)
+    # Both workers ready: readiness is the conjunction, with one entry per worker.
+    ready = wait_until(lambda: (r := router.admin("/readyz")).status == 200 and r, 15)
+    assert sorted(ready.json()["workers"]) == ["0", "1"]
+    assert all(w["ready"] for w in ready.json()["workers"].values())
+
+    sent = 120
+    for i in range(sent):  # fresh connections: the kernel spreads them over both workers
+        side(router.get("/", tenant="globex" if i % 3 == 0 else "acme"))
+    environ = dict(
+        e.split("=", 1)
+        for e in Path(f"/proc/{workers[0]}/environ").read_text().split("\0")
+        if "=" in e
+    )
+    directory = Path(environ["ROUTER_WORKER_DIR"])
+    per_worker = [_worker_requests(directory / f"worker-{i}.sock") for i in (0, 1)]
+    # Both served some: otherwise this test would not show that the sum is a sum.
+    assert all(n > 0 for n in per_worker), per_worker
+    assert sum(per_worker) == sent
+    # Every scrape, whichever worker answers it, has the whole task's figures.
+    for _ in range(6):
+        text = router.admin("/metrics").body.decode()
+        assert _metric(text, "router_workers", '{state="answered"}') == 2
+        legacy = _metric(text, "router_requests_total", '{code="200",method="GET",target="legacy"}')
+        new = _metric(text, "router_requests_total", '{code="200",method="GET",target="new"}')
+        assert (legacy, new) == (sent - sent // 3, sent // 3)
+        assert _metric(text, "router_request_duration_seconds_count", '{target="legacy"}') == legacy
+        assert _metric(text, "router_flag_source_ready") == 1
+
+    # A stopped worker: the survivor's scrape says so rather than pretending to be whole,
+    # and the task is not ready. A connection the kernel hands to the stopped worker hangs
+    # (it times out here); the others reach the survivor, which waits SIBLING_TIMEOUT (2 s)
+    # for its sibling, then answers. 10 tries: all of them landing on the stopped worker
+    # has a chance of 1 in 1024.
+    os.kill(workers[1], signal.SIGSTOP)
+    try:
+        answered = None
+        for _ in range(10):
+            try:
+                scrape = request(router.admin_port, "/metrics", timeout=8)
+                readyz = request(router.admin_port, "/readyz", timeout=8)
+            except OSError:
+                continue
+            answered = (scrape.body.decode(), readyz)
+            break
+        assert answered is not None, "no scrape reached the running worker"
+        text, readyz = answered
+        assert _metric(text, "router_workers", '{state="missing"}') == 1
+        assert _metric(text, "router_workers", '{state="answered"}') == 1
+        assert readyz.status == 503
+        assert not readyz.json()["ready"]
+    finally:
+        os.kill(workers[1], signal.SIGCONT)
 
 
 def test_a_dead_worker_stops_the_task_with_a_failure_status(

@@ -1,0 +1,241 @@
+"""Signed test routing: `X-Router-Target: legacy|new` honoured only with a valid signature.
+
+A test suite can run against the old or the new infrastructure on demand by sending
+
+    X-Router-Target: new
+    X-Router-Signature: t=1700000000,v1=<64 lowercase hex digits>
+
+Without a valid signature the target header is ignored (the request is routed as usual and
+the caller counts the refusal by reason), and both headers are always stripped before a
+request is forwarded (relay.py).
+
+Threat model
+------------
+- The header is ignored without a valid MAC, so a customer cannot pick a side by sending
+  `X-Router-Target` themselves: only holders of the shared secret
+  (`ROUTER_OVERRIDE_SECRET`) can. Without a configured secret every override is ignored.
+- The tenant is part of the MAC, so a signature made for a test tenant cannot move a real
+  tenant's requests (nor can a signature made for "no tenant" be reused for one).
+- The target is part of the MAC, so a signature for `legacy` cannot be turned into `new`.
+- The timestamp is part of the MAC and must be within `routing.override_window` seconds
+  (default 300) of the router's clock, in either direction (clock skew between the test
+  runner and the router): a captured header can be replayed only for that long, and only
+  for the same tenant and target.
+- The MAC is compared in constant time (`hmac.compare_digest`), so response timing tells
+  an attacker nothing about how much of a guessed MAC was right.
+- Everything is parsed strictly and bounded before any work: a malformed or oversized
+  value is refused, never an exception on the hot path.
+
+The signature (a contract for test suites in any language)
+----------------------------------------------------------
+    message   = f"{target}\\n{tenant}\\n{timestamp}"          (UTF-8)
+    mac       = lowercase hex of HMAC-SHA256(key=secret (UTF-8), message)
+    header    = f"t={timestamp},v1={mac}"
+
+- `target` is exactly `legacy` or `new`;
+- `tenant` is the tenant id the router identifies for the request (header, JWT claim, host
+  or path), or the empty string for a request without a tenant;
+- `timestamp` is Unix time in whole seconds, decimal, no sign, no leading zeros, and the
+  same digits go into the message and into `t=`;
+- the header has exactly those two fields, in that order, no spaces; the hex is lowercase.
+
+From Python (tests in this repo, or any suite that can import the package):
+
+    from router.override import signed_headers
+    headers = signed_headers(os.environ["ROUTER_OVERRIDE_SECRET"], "new", "acme")
+
+From a shell (`router sign acme new` prints the same), or as a model for any language:
+
+    t=$(date +%s)
+    mac=$(printf 'new\\nacme\\n%s' "$t" \\
+          | openssl dgst -sha256 -hmac "$ROUTER_OVERRIDE_SECRET" -r | cut -d' ' -f1)
+    curl -H 'X-Tenant-Id: acme' -H 'X-Router-Target: new' \\
+         -H "X-Router-Signature: t=$t,v1=$mac" http://localhost:8080/hello
+
+(`printf`, not `echo`: the message has no trailing newline.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import time
+from collections.abc import Callable
+from typing import Final
+
+__all__ = [
+    "REJECTION_REASONS",
+    "SIGNATURE_HEADER",
+    "TARGETS",
+    "TARGET_HEADER",
+    "OverrideVerifier",
+    "sign",
+    "signed_headers",
+]
+
+SIGNATURE_HEADER: Final = "X-Router-Signature"
+TARGET_HEADER: Final = "X-Router-Target"
+TARGETS: Final = ("legacy", "new")
+
+# Why a signature was refused: the complete, fixed label set of
+# router_override_rejections_total{reason} (a label set that cannot grow with the input).
+#   disabled    no secret configured: every override is ignored
+#   bad_target  X-Router-Target is not exactly `legacy` or `new`
+#   missing     no X-Router-Signature, or an empty one
+#   malformed   not `t=<digits>,v1=<64 lowercase hex>`, or oversized (signature or tenant)
+#   expired     the timestamp is more than the window away from now, past or future
+#   bad_mac     well-formed and in time, but the MAC does not match (wrong secret, or made
+#               for another tenant, target or timestamp)
+REJECTION_REASONS: Final = ("disabled", "bad_target", "missing", "malformed", "expired", "bad_mac")
+
+# Strict and ASCII-only ([0-9], not \d, which matches other scripts' digits): one
+# canonical spelling per signature, so an implementation in any language agrees on it.
+_SIGNATURE = re.compile(r"t=(0|[1-9][0-9]{0,11}),v1=([0-9a-f]{64})")
+# The longest value the pattern accepts: checked first, so a 10 KB header costs a len().
+_MAX_SIGNATURE = len("t=") + 12 + len(",v1=") + 64
+# TenantSettings.max_length's upper bound: no valid tenant id is longer.
+_MAX_TENANT = 1024
+
+_BLOCK = 64  # SHA-256 block size, for the HMAC pads
+
+
+def _message(target: str, tenant: str, timestamp: str) -> bytes:
+    return f"{target}\n{tenant}\n{timestamp}".encode()
+
+
+def sign(secret: str, target: str, tenant: str, timestamp: int) -> str:
+    """The `X-Router-Signature` value for `target` and `tenant` at `timestamp` (Unix
+    seconds): `t=<timestamp>,v1=<hex HMAC-SHA256>`. `tenant` is "" for a request without
+    one. Raises ValueError for values the router would never accept."""
+    if not secret:
+        raise ValueError("the override secret is empty")
+    if target not in TARGETS:
+        raise ValueError(f"target must be 'legacy' or 'new', got {target!r}")
+    if len(tenant) > _MAX_TENANT:
+        raise ValueError(f"tenant id longer than {_MAX_TENANT} characters")
+    if isinstance(timestamp, bool) or not isinstance(timestamp, int) or timestamp < 0:
+        raise ValueError(f"timestamp must be a non-negative int, got {timestamp!r}")
+    stamp = str(timestamp)
+    mac = hmac.new(secret.encode(), _message(target, tenant, stamp), hashlib.sha256)
+    return f"t={stamp},v1={mac.hexdigest()}"
+
+
+def signed_headers(
+    secret: str, target: str, tenant: str, now: float | None = None
+) -> dict[str, str]:
+    """Both headers forcing `tenant`'s requests to `target`, signed at `now` (default:
+    the current time). Valid for the router's `override_window` around `now`."""
+    timestamp = int(time.time() if now is None else now)
+    return {
+        TARGET_HEADER: target,
+        SIGNATURE_HEADER: sign(secret, target, tenant, timestamp),
+    }
+
+
+class OverrideVerifier:
+    """Checks `X-Router-Target` / `X-Router-Signature` for one request: `verify` returns the
+    forced target or None, and never raises.
+
+    The key is prepared once: HMAC's inner and outer padded keys (RFC 2104) are hashed
+    here, and each call copies the two SHA-256 states and hashes only the message, about
+    half the cost of `hmac.new` per call. `sign` uses the standard library's `hmac`, and
+    the tests check both against each other and against independent vectors.
+    """
+
+    __slots__ = (
+        "_clock",
+        "_inner",
+        "_last_reason",
+        "_last_signature",
+        "_last_target",
+        "_last_tenant",
+        "_outer",
+        "_window",
+    )
+
+    def __init__(
+        self, secret: str | None, window: float, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._window = float(window)
+        self._clock = clock
+        self._inner: hashlib._Hash | None = None
+        self._outer: hashlib._Hash | None = None
+        if secret:
+            key = secret.encode()
+            if len(key) > _BLOCK:
+                key = hashlib.sha256(key).digest()
+            key = key.ljust(_BLOCK, b"\0")
+            self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+            self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+        # The last refusal, so `rejection_reason` right after `verify` neither computes
+        # the MAC again nor disagrees with it (the clock moves between the two calls).
+        self._last_target: str | None = None
+        self._last_signature: str | None = None
+        self._last_tenant: str | None = None
+        self._last_reason = "disabled"
+
+    @property
+    def enabled(self) -> bool:
+        """False without a secret: every override is ignored."""
+        return self._inner is not None
+
+    def verify(self, target: str | None, signature: str | None, tenant: str | None) -> str | None:
+        """`"legacy"` or `"new"` when `signature` is valid for `target` and `tenant` now,
+        else None. `tenant` None means a request without a tenant (signed as "")."""
+        result = self._check(target, signature, tenant)
+        if result in TARGETS:
+            return result
+        self._last_target = target
+        self._last_signature = signature
+        self._last_tenant = tenant
+        self._last_reason = result
+        return None
+
+    def rejection_reason(
+        self, target: str | None, signature: str | None, tenant: str | None
+    ) -> str:
+        """Why `verify` refused these values: one of REJECTION_REASONS. Meant to be called
+        right after `verify` returned None (that refusal's reason is returned, without
+        computing the MAC again). For other values they are checked now; values that
+        verify have nothing to refuse and give "valid", outside the label set."""
+        if (
+            signature is self._last_signature
+            and target is self._last_target
+            and tenant is self._last_tenant
+        ):
+            return self._last_reason
+        result = self._check(target, signature, tenant)
+        return "valid" if result in TARGETS else result
+
+    def _check(self, target: str | None, signature: str | None, tenant: str | None) -> str:
+        """The target ("legacy" / "new") or a rejection reason (never one of those two):
+        one pass, shared by `verify` and `rejection_reason`."""
+        inner = self._inner
+        if inner is None or self._outer is None:
+            return "disabled"
+        if target not in TARGETS:
+            return "bad_target"
+        if not signature:
+            return "missing"
+        if tenant is None:
+            tenant = ""
+        if len(signature) > _MAX_SIGNATURE or len(tenant) > _MAX_TENANT:
+            return "malformed"
+        parsed = _SIGNATURE.fullmatch(signature)
+        if parsed is None:
+            return "malformed"
+        stamp = parsed[1]
+        if abs(self._clock() - int(stamp)) > self._window:
+            return "expired"
+        try:
+            message = _message(target, tenant, stamp)
+        except UnicodeEncodeError:  # a lone surrogate: no signer could have produced it
+            return "malformed"
+        digest = inner.copy()
+        digest.update(message)
+        outer = self._outer.copy()
+        outer.update(digest.digest())
+        if not hmac.compare_digest(outer.hexdigest(), parsed[2]):
+            return "bad_mac"
+        return target

@@ -1,0 +1,379 @@
+"""Signed test routing (router/override.py, `router sign`): what is accepted, what is
+refused and why, and the message format pinned by vectors computed independently of it."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import random
+import shlex
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from router.override import (
+    REJECTION_REASONS,
+    SIGNATURE_HEADER,
+    TARGET_HEADER,
+    OverrideVerifier,
+    sign,
+    signed_headers,
+)
+from tests.procs import run_router
+
+SECRET = "test-secret"
+NOW = 1_700_000_000
+WINDOW = 300.0
+
+
+class Clock:
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def verifier(secret: str | None = SECRET, now: float = NOW) -> OverrideVerifier:
+    return OverrideVerifier(secret, WINDOW, clock=Clock(now))
+
+
+def reference_mac(secret: str, target: str, tenant: str, timestamp: int) -> str:
+    """The documented contract, written out with the standard library only."""
+    message = f"{target}\n{tenant}\n{timestamp}".encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def refused(
+    v: OverrideVerifier, target: str | None, signature: str | None, tenant: str | None
+) -> str:
+    """The rejection reason, after checking that verify() refused the values."""
+    assert v.verify(target, signature, tenant) is None
+    reason = v.rejection_reason(target, signature, tenant)
+    assert reason in REJECTION_REASONS
+    return reason
+
+
+# ---- the format, pinned ---------------------------------------------------------------
+
+
+def test_known_answer_vector() -> None:
+    # Computed once with `printf 'new\nacme\n1700000000' | openssl dgst -sha256 -hmac
+    # test-secret`: a change to the message format breaks this, whatever sign() does.
+    expected = "t=1700000000,v1=2553b60eb19ff6d1829047e58462bec4881475d7d77ee40581e8775c01c32dad"
+    assert f"t={NOW},v1={reference_mac(SECRET, 'new', 'acme', NOW)}" == expected
+    assert sign(SECRET, "new", "acme", NOW) == expected
+    assert verifier().verify("new", expected, "acme") == "new"
+
+
+@pytest.mark.parametrize(
+    ("secret", "target", "tenant", "timestamp"),
+    [
+        (SECRET, "legacy", "acme", NOW),
+        (SECRET, "new", "", NOW),  # a request without a tenant
+        ("k" * 64, "new", "acme", NOW),  # exactly one block: no pre-hash
+        ("k" * 65, "new", "acme", NOW),  # longer than a block: hashed first (RFC 2104)
+        ("k" * 500, "legacy", "globex", NOW),
+        ("sécret-ü-✓", "new", "a.b_c:d@e-f", NOW),  # UTF-8 secret
+        (SECRET, "new", "acme", 0),
+        (SECRET, "new", "acme", 999_999_999_999),  # the largest timestamp the format allows
+    ],
+)
+def test_sign_matches_reference(secret: str, target: str, tenant: str, timestamp: int) -> None:
+    mac = reference_mac(secret, target, tenant, timestamp)
+    assert sign(secret, target, tenant, timestamp) == f"t={timestamp},v1={mac}"
+    # verify() computes the HMAC its own way (precomputed pads): it must agree.
+    v = OverrideVerifier(secret, WINDOW, clock=Clock(timestamp))
+    assert v.verify(target, f"t={timestamp},v1={mac}", tenant or None) == target
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl")
+def test_openssl_recipe_from_the_docstring() -> None:
+    """The shell recipe for other languages (module docstring) produces a valid header."""
+    out = subprocess.run(
+        ["sh", "-c", 'printf \'legacy\\nglobex\\n%s\' "$T" | openssl dgst -sha256 -hmac "$S" -r'],
+        env={"T": str(NOW), "S": SECRET, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    mac = out.split()[0]
+    assert verifier().verify("legacy", f"t={NOW},v1={mac}", "globex") == "legacy"
+
+
+# ---- accepted -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["legacy", "new"])
+def test_round_trip(target: str) -> None:
+    headers = signed_headers(SECRET, target, "acme", now=NOW)
+    assert headers[TARGET_HEADER] == target
+    assert verifier().verify(headers[TARGET_HEADER], headers[SIGNATURE_HEADER], "acme") == target
+
+
+def test_no_tenant_signs_as_empty() -> None:
+    signature = sign(SECRET, "new", "", NOW)
+    v = verifier()
+    assert v.verify("new", signature, None) == "new"
+    assert v.verify("new", signature, "") == "new"
+    assert refused(v, "new", signature, "acme") == "bad_mac"
+
+
+def test_signed_headers_default_now_is_the_clock() -> None:
+    headers = signed_headers(SECRET, "new", "acme")
+    stamp = int(headers[SIGNATURE_HEADER].split(",")[0].removeprefix("t="))
+    assert abs(stamp - time.time()) < 5
+    assert OverrideVerifier(SECRET, WINDOW).verify("new", headers[SIGNATURE_HEADER], "acme")
+
+
+@pytest.mark.parametrize("skew", [-WINDOW, WINDOW, 0, 1, -1])
+def test_window_is_inclusive_both_ways(skew: float) -> None:
+    assert verifier(now=NOW + skew).verify("new", sign(SECRET, "new", "acme", NOW), "acme")
+
+
+# ---- refused, and why -----------------------------------------------------------------
+
+
+def test_wrong_secret() -> None:
+    signature = sign("another-secret", "new", "acme", NOW)
+    assert refused(verifier(), "new", signature, "acme") == "bad_mac"
+
+
+def test_signature_for_another_tenant_cannot_move_this_one() -> None:
+    signature = sign(SECRET, "new", "test-tenant", NOW)
+    assert refused(verifier(), "new", signature, "real-customer") == "bad_mac"
+    assert refused(verifier(), "new", signature, None) == "bad_mac"
+
+
+def test_signature_for_another_target() -> None:
+    signature = sign(SECRET, "new", "acme", NOW)
+    assert refused(verifier(), "legacy", signature, "acme") == "bad_mac"
+
+
+def test_expired_past_the_window() -> None:
+    signature = sign(SECRET, "new", "acme", NOW)
+    assert refused(verifier(now=NOW + WINDOW + 1), "new", signature, "acme") == "expired"
+    assert refused(verifier(now=NOW + 86_400), "new", signature, "acme") == "expired"
+
+
+def test_future_beyond_the_window() -> None:
+    signature = sign(SECRET, "new", "acme", NOW)
+    assert refused(verifier(now=NOW - WINDOW - 1), "new", signature, "acme") == "expired"
+
+
+def test_replay_within_the_window_is_the_accepted_risk() -> None:
+    # Documented: the window bounds replay, it does not prevent it.
+    v, signature = verifier(), sign(SECRET, "new", "acme", NOW)
+    assert v.verify("new", signature, "acme") == v.verify("new", signature, "acme") == "new"
+
+
+MAC = reference_mac(SECRET, "new", "acme", NOW)
+ARABIC_INDIC_DIGITS = "\u0661\u0667" + "\u0660" * 8  # 1700000000, in another script
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [
+        "garbage",
+        "t=",
+        f"t={NOW}",  # missing v1
+        f"t={NOW},v1=",
+        f"v1={MAC}",  # missing t
+        f"v1={MAC},t={NOW}",  # fields swapped
+        f"t={NOW},v1={MAC.upper()}",  # uppercase hex
+        f"t={NOW},v1={MAC[:-1]}",  # 63 hex digits
+        f"t={NOW},v1={MAC}0",  # 65
+        f"t={NOW},v1={MAC},v2={MAC}",  # extra field after
+        f"x=1,t={NOW},v1={MAC}",  # extra field before
+        f"t={NOW},v1={MAC},",
+        f"t={NOW}, v1={MAC}",  # a space
+        f" t={NOW},v1={MAC}",
+        f"t={NOW},v1={MAC}\n",
+        f"t={NOW}.0,v1={MAC}",  # non-integer t
+        f"t=1.7e9,v1={MAC}",
+        f"t=-{NOW},v1={MAC}",
+        f"t=+{NOW},v1={MAC}",
+        f"t=0{NOW},v1={MAC}",  # leading zero: not the canonical spelling
+        f"t={'9' * 13},v1={MAC}",  # more digits than any Unix time we will see
+        f"t={'9' * 5000},v1={MAC}",  # beyond int()'s digit limit: no ValueError
+        f"t={ARABIC_INDIC_DIGITS},v1={MAC}",  # a regex \d would take them
+        f"t={NOW},v1={'g' * 64}",  # not hex
+        f"t={NOW},v1={'é' * 64}",  # non-ASCII: compare_digest would raise on it
+        f"t={NOW},v1={MAC[:-1]}\x00",
+        "t=" + "1" * 10_240,  # a 10 KB header
+        "x" * 10_240,
+        f"t={NOW},v1={MAC}" + " " * 10_240,
+    ],
+)
+def test_malformed(signature: str) -> None:
+    assert refused(verifier(), "new", signature, "acme") == "malformed"
+
+
+def test_far_future_is_well_formed_but_expired() -> None:
+    assert refused(verifier(), "new", f"t=1{NOW},v1={MAC}", "acme") == "expired"
+
+
+@pytest.mark.parametrize("signature", [None, ""])
+def test_missing_signature(signature: str | None) -> None:
+    assert refused(verifier(), "new", signature, "acme") == "missing"
+
+
+@pytest.mark.parametrize("target", [None, "", "hold", "NEW", "New", " new", "new ", "x" * 10_240])
+def test_bad_target(target: str | None) -> None:
+    # Checked before the signature: a valid MAC cannot make up for the target.
+    signature = sign(SECRET, "new", "acme", NOW)
+    assert refused(verifier(), target, signature, "acme") == "bad_target"
+
+
+def test_huge_or_unencodable_tenant() -> None:
+    signature = sign(SECRET, "new", "acme", NOW)
+    assert refused(verifier(), "new", signature, "a" * 10_240) == "malformed"
+    assert refused(verifier(), "new", signature, "acme\udc80") == "malformed"
+
+
+@pytest.mark.parametrize("secret", [None, ""])
+def test_disabled_without_a_secret(secret: str | None) -> None:
+    v = verifier(secret)
+    assert not v.enabled
+    signature = sign(SECRET, "new", "acme", NOW)  # correct for some secret: irrelevant
+    assert refused(v, "new", signature, "acme") == "disabled"
+    assert verifier().enabled
+
+
+def test_never_raises_on_random_input() -> None:
+    rng = random.Random(1234)
+    alphabet = "t=v1,0123456789abcdefABCDEF -\n\x00é\udc80"
+    v = verifier()
+    for _ in range(3000):
+        signature = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 100)))
+        target = rng.choice(["new", "legacy", "hold", None, signature])
+        tenant = rng.choice(["acme", None, "", signature])
+        assert v.verify(target, signature, tenant) is None
+        assert v.rejection_reason(target, signature, tenant) in REJECTION_REASONS
+
+
+def test_reason_is_the_refusals_even_if_the_clock_moved() -> None:
+    """rejection_reason right after verify names verify's reason: a future timestamp that
+    enters the window in between still counts as expired, not as something else."""
+    clock = Clock(NOW - WINDOW - 1)
+    v = OverrideVerifier(SECRET, WINDOW, clock=clock)
+    target, signature, tenant = "new", sign(SECRET, "new", "acme", NOW), "acme"
+    assert v.verify(target, signature, tenant) is None
+    clock.now = NOW
+    assert v.rejection_reason(target, signature, tenant) == "expired"
+    # Values verify() did not refuse are checked now; those that pass give "valid".
+    assert v.verify(target, signature, tenant) == "new"
+    assert v.rejection_reason("new", sign(SECRET, "new", "acme", NOW), "acme") == "valid"
+
+
+def test_rejection_reasons_are_a_fixed_set() -> None:
+    assert set(REJECTION_REASONS) == {
+        "missing",
+        "malformed",
+        "expired",
+        "bad_mac",
+        "disabled",
+        "bad_target",
+    }
+
+
+@pytest.mark.parametrize(
+    ("secret", "target", "tenant", "timestamp"),
+    [
+        ("", "new", "acme", NOW),
+        (SECRET, "hold", "acme", NOW),
+        (SECRET, "new", "acme", -1),
+        (SECRET, "new", "a" * 1025, NOW),
+    ],
+)
+def test_sign_refuses_what_verify_never_accepts(
+    secret: str, target: str, tenant: str, timestamp: int
+) -> None:
+    with pytest.raises(ValueError):
+        sign(secret, target, tenant, timestamp)
+
+
+# ---- router sign ----------------------------------------------------------------------
+
+
+def sign_cli(
+    *args: str, secret: str | None = SECRET, env_name: str = "ROUTER_OVERRIDE_SECRET"
+) -> subprocess.CompletedProcess[str]:
+    env = {env_name: secret} if secret is not None else {}
+    return run_router("sign", *args, env=env)
+
+
+def assert_fresh_and_valid(headers: dict[str, str], target: str, tenant: str) -> None:
+    assert headers[TARGET_HEADER] == target
+    stamp = int(headers[SIGNATURE_HEADER].split(",")[0].removeprefix("t="))
+    assert abs(stamp - time.time()) < 60
+    v = OverrideVerifier(SECRET, WINDOW)
+    assert v.verify(headers[TARGET_HEADER], headers[SIGNATURE_HEADER], tenant) == target
+
+
+def test_cli_headers_format() -> None:
+    result = sign_cli("acme", "new")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split(": ", 1)[0] for line in lines] == [TARGET_HEADER, SIGNATURE_HEADER]
+    assert lines[0] == "X-Router-Target: new"
+    assert_fresh_and_valid(dict(line.split(": ", 1) for line in lines), "new", "acme")
+
+
+def test_cli_curl_format() -> None:
+    result = sign_cli("acme", "legacy", "--format", "curl")
+    assert result.returncode == 0, result.stderr
+    words = shlex.split(result.stdout)
+    # Nothing a shell would interpret: `curl $(router sign ...)` splits it the same way.
+    assert words == result.stdout.split()
+    assert words[0::2] == ["-H", "-H"]
+    headers = dict(w.split(":", 1) for w in words[1::2])
+    assert_fresh_and_valid(headers, "legacy", "acme")
+
+
+def test_cli_json_format() -> None:
+    result = sign_cli("globex", "new", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    headers = json.loads(result.stdout)
+    assert set(headers) == {TARGET_HEADER, SIGNATURE_HEADER}
+    assert_fresh_and_valid(headers, "new", "globex")
+
+
+def test_cli_secret_env_name() -> None:
+    result = sign_cli("acme", "new", "--secret-env", "MY_SECRET", env_name="MY_SECRET")
+    assert result.returncode == 0, result.stderr
+    assert_fresh_and_valid(
+        dict(ln.split(": ", 1) for ln in result.stdout.splitlines()), "new", "acme"
+    )
+    # ... and then the default variable is not consulted.
+    result = sign_cli("acme", "new", "--secret-env", "MY_SECRET")
+    assert result.returncode == 2
+
+
+@pytest.mark.parametrize("secret", [None, ""])
+def test_cli_missing_secret(secret: str | None) -> None:
+    result = sign_cli("acme", "new", secret=secret)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "ROUTER_OVERRIDE_SECRET" in result.stderr
+
+
+def test_cli_takes_no_secret_argument() -> None:
+    result = sign_cli("acme", "new", "--secret", SECRET)
+    assert result.returncode == 2
+    assert SECRET not in result.stdout
+
+
+@pytest.mark.parametrize("tenant", ["a b", "x" * 129, "acme/../x", "é"])
+def test_cli_invalid_tenant(tenant: str) -> None:
+    result = sign_cli(tenant, "new")
+    assert result.returncode == 2
+    assert "not a valid tenant id" in result.stderr
+    assert result.stdout == ""
+
+
+def test_cli_invalid_target() -> None:
+    assert sign_cli("acme", "hold").returncode == 2
