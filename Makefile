@@ -34,7 +34,10 @@ run: $(STAMP)
 	echo "  curl -s -H 'X-Tenant-Id: globex' localhost:8080/hello    # globex is on new"; \
 	echo "  curl -s localhost:8080/t/globex/hello                    # the same, tenant from the path"; \
 	echo "  $(BIN)/router flags set acme new --file $(FLAGS)  # move acme, then repeat the first curl"; \
-	$(BIN)/router serve --config $(CONFIG)
+	echo "  curl -s -H 'Authorization: Bearer demo-admin-token' localhost:8081/admin/tenants/acme"; \
+	echo "(acme stays on new once served there: the ratchet. rm router-ledger.db and"; \
+	echo " git checkout $(FLAGS) to reset the demo)"; \
+	ROUTER_ADMIN_TOKEN=$${ROUTER_ADMIN_TOKEN:-demo-admin-token} $(BIN)/router serve --config $(CONFIG)
 
 test: $(STAMP)
 	$(MAKE) --no-print-directory lint

@@ -94,22 +94,31 @@ def cmd_explain(args: argparse.Namespace) -> int:
             f"flag      {result['flag_key']} = {result['flag_value']!r}"
             f"  (source: {result['flag_source']})"
         )
+        ledgered = "yes: new for good" if result["ledgered"] else "no"
+        print(f"ledgered  {ledgered}  ({result['ledger']})")
     return 1 if "error" in result else 0
 
 
 async def _explain(settings: Settings, tenant: str) -> dict[str, Any]:
     from router.flags import FlagSource
-    from router.routing import Decider
+    from router.ledger import LedgerError, open_ledger
+    from router.routing import Decider, LedgerView
     from router.tenant import TenantIdentifier
 
     if not TenantIdentifier(settings.tenant).is_valid(tenant):
         return {"tenant": tenant, "error": "not a valid tenant id"}
-    flags = FlagSource(settings.flags, asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    flags = FlagSource(settings.flags, loop)
+    ledger = LedgerView(open_ledger(settings.ledger), loop)
     try:
+        try:
+            await ledger.start()  # the ratchet: a ledgered tenant stays on new
+        except LedgerError as exc:
+            return {"tenant": tenant, "error": f"ratchet ledger unavailable: {exc}"}
         await flags.start(wait=max(settings.flags.start_wait, 1.0))
         if not flags.ready:
             return {"tenant": tenant, "error": "flag data could not be loaded"}
-        route = Decider(settings, flags).evaluate(tenant)
+        route = Decider(settings, flags, ledger).evaluate(tenant)
         upstream = getattr(settings.upstreams, route.target, settings.upstreams.legacy)
         source = str(settings.flags.file) if settings.flags.source == "file" else "launchdarkly"
         return {
@@ -121,9 +130,12 @@ async def _explain(settings: Settings, tenant: str) -> dict[str, Any]:
             "flag_key": settings.flags.flag_key,
             "flag_value": flags.variation(tenant, "legacy"),
             "flag_source": source,
+            "ledgered": tenant in ledger.tenants,
+            "ledger": ledger.ledger.url if ledger.ledger is not None else None,
         }
     finally:
         await flags.close()
+        await ledger.close()
 
 
 def cmd_flags_set(args: argparse.Namespace) -> int:

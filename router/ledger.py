@@ -20,8 +20,7 @@ resolved against the process's working directory when the ledger is opened
 (`open_ledger`); `sqlite:////var/lib/x.db` (four slashes) is absolute. The parent
 directory must exist. Journal WAL (readers never wait for a writer; several router
 workers may share the file, writers wait for each other up to a busy timeout) and
-`synchronous=FULL`. Records that arrive while a write is in progress are committed
-together in the next transaction (group commit: one fsync for a wave of tenants).
+`synchronous=FULL`. A write lock held longer than the busy timeout (5 s) is a LedgerError.
 
 Redis (`redis://[:password@]host:port/db`, `rediss://` for TLS): `redis.asyncio`. A set
 `router:ledger:tenants` (membership, the truth) and a hash `router:ledger:entries`
@@ -29,8 +28,14 @@ Redis (`redis://[:password@]host:port/db`, `rediss://` for TLS): `redis.asyncio`
 (SADD + HSETNX: idempotent, the first entry is kept). `?prefix=P` replaces the
 `router:ledger` prefix (a shared Redis, or tests). Connect and every command have a
 timeout (3 s by default) and each call a hard deadline, so a dead or unreachable Redis
-gives a `LedgerError`, never a hang. Cluster mode is not supported (the two keys would sit
-in different slots); use a cluster-mode-disabled replication group.
+gives a `LedgerError`, never a hang. At most 16 connections per router process (callers
+wait for a free one within their deadline). Cluster mode is not supported (the two keys
+would sit in different slots); use a cluster-mode-disabled replication group.
+
+Both: records that arrive while a write is in flight are written together in the next
+transaction (group commit, up to 1000 per transaction: one fsync, one Redis round trip),
+so a wave of thousands of tenants reaching new at once is not written one at a time.
+`record()` still returns only once its own row is durable.
 
 What "durable" means when `record()` returns
 --------------------------------------------

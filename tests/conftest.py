@@ -481,3 +481,14 @@ def no_error_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     records = [*caplog.get_records("setup"), *caplog.get_records("call"), *caplog.records]
     errors = [r for r in records if r.levelno >= logging.ERROR]
     assert not errors, [f"{r.name}: {r.getMessage()}" for r in errors]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_leave_no_ledger_in_the_repo() -> Iterator[None]:
+    """The default ledger (sqlite:///router-ledger.db) is relative to the working
+    directory: a test that forgot to point it at its tmp dir would share ratchet state with
+    every later test and with `make run`. Fail the session if one did."""
+    stray = Path(__file__).resolve().parent.parent / "router-ledger.db"
+    existed = stray.exists()
+    yield
+    assert existed or not stray.exists(), "a test wrote router-ledger.db into the repo"

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,14 @@ def config_tree(flag_file: Path | str = "flags.json") -> dict[str, Any]:
             "legacy": {"url": "http://legacy.internal:9001"},
             "new": {"url": "https://new.example.com", "host_header": "upstream"},
         },
+        # Never the default (router-ledger.db in the working directory: the repo).
+        "ledger": f"sqlite:///{Path(tempfile.mkdtemp(prefix='router-cli-')) / 'ledger.db'}",
     }
+
+
+def config_ledger(config: Path) -> str:
+    url: str = yaml.safe_load(config.read_text())["ledger"]
+    return url
 
 
 @pytest.fixture
@@ -188,6 +196,8 @@ def test_explain_json(config: Path, flag_file: Path) -> None:
         "flag_key": "tenant-routing",
         "flag_value": "legacy",
         "flag_source": str(flag_file),
+        "ledgered": False,
+        "ledger": config_ledger(config),
     }
 
 
