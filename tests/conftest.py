@@ -28,6 +28,7 @@ from router.admin import build_admin_app
 from router.app import RouterApp
 from router.flagfile import set_tenants
 from router.settings import Settings
+from tests.redis_server import RedisServer, start_redis
 
 # ---- event loops --------------------------------------------------------------------
 
@@ -492,3 +493,13 @@ def tests_leave_no_ledger_in_the_repo() -> Iterator[None]:
     existed = stray.exists()
     yield
     assert existed or not stray.exists(), "a test wrote router-ledger.db into the repo"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session (tests/redis_server.py)."""
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()

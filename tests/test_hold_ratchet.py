@@ -27,6 +27,7 @@ from tests.conftest import (
     router_settings,
     sample,
 )
+from tests.redis_server import RedisServer
 
 SECRET = "test-override-secret"
 
@@ -402,3 +403,32 @@ async def test_pinned_paths_always_go_to_their_side(
             side,
             f"{side}; reason={reason}",
         ), path
+
+
+async def test_two_routers_sharing_a_redis_ledger_both_refuse_the_flip_back(
+    backends: Backends,
+    flag_file: Path,
+    start_router: StartRouter,
+    client: aiohttp.ClientSession,
+    redis_server: RedisServer,
+) -> None:
+    """A fleet: router B never served globex, but router A did. After the flag goes back
+    to legacy, B refuses too: it re-reads the shared ledger on the flag change."""
+    ledger = redis_server.url()
+    a = await start(backends, flag_file, start_router, ledger=ledger)
+    b = await start(backends, flag_file, start_router, ledger=ledger)
+    assert "globex" not in b.app.ledger.tenants
+    status, _, body = await get(client, f"{a.url}/", "globex")  # served by new, through A
+    assert (status, body["side"]) == (200, "new")
+    assert "globex" not in b.app.ledger.tenants  # B has not re-read the ledger yet
+
+    set_tenants(flag_file, ["globex"], "legacy")
+    for router in (a, b):
+        await wait_for(lambda r=router: r.app.flags.variation("globex", "") == "legacy")
+        await wait_for(lambda r=router: r.app.decider.decide("globex").reason == "ratchet")
+        status, headers, body = await get(client, f"{router.url}/", "globex")
+        assert (status, body["side"]) == (200, "new")
+        assert headers["X-Routed-To"] == "new; reason=ratchet"
+    # A tenant that neither served on new follows the flag both ways on both routers.
+    status, _, body = await get(client, f"{b.url}/", "acme")
+    assert body["side"] == "legacy"
