@@ -478,8 +478,11 @@ class RouterApp:
         return {"ready": all(checks.values()), "checks": checks, "flag_source": self.flags.state}
 
     def tenant_state(self, tenant: str) -> dict[str, Any]:
-        """This worker's view of a tenant (admin.py sums the workers' counts)."""
-        route = self.decider.evaluate(tenant)
+        """This worker's view of a tenant (admin.py sums the workers' counts). The target is
+        the decision requests get now (the cache), not a fresh evaluation: between a flag
+        change and the cache clear that follows the ledger re-read, requests still get the
+        old decision, and a cutover must not see `hold` before they do."""
+        route = self.decider.decide(tenant)
         counts = self.tenant_inflight.get(tenant, {})
         return {
             "tenant": tenant,
