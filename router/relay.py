@@ -62,12 +62,27 @@ def valid_request_id(value: str | None) -> bool:
 def connection_tokens(
     raw_headers: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]],
 ) -> frozenset[bytes]:
-    """Field names listed in Connection (they are hop-by-hop for this message)."""
-    names: set[bytes] = set()
+    """Field names listed in Connection (hop-by-hop for this message), beyond the ones
+    always dropped: empty for the usual `Connection: keep-alive` / `close`, so that the
+    relay's per-field check stays a length test (encode_response_head)."""
+    names: frozenset[bytes] = _NOTHING
     for name, value in raw_headers:
-        if name.lower() == b"connection":
-            names.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return frozenset(names)
+        if len(name) == 10 and name.lower() == b"connection":
+            named = _CONNECTION_VALUES.get(value)
+            if named is None:
+                named = (
+                    frozenset(t.strip().lower() for t in value.split(b",") if t.strip())
+                    - HOP_BY_HOP
+                )
+                if len(_CONNECTION_VALUES) < 256:  # bounded: values come from peers
+                    _CONNECTION_VALUES[value] = named
+            names = names | named if names else named
+    return names
+
+
+# Connection field value -> the extra names it makes hop-by-hop; a handful of distinct
+# values in practice ("keep-alive", "close", "Keep-Alive"), parsed once each.
+_CONNECTION_VALUES: dict[bytes, frozenset[bytes]] = {}
 
 
 class HeaderRules:
