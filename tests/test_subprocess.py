@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from ldclient.impl.integrations.files import file_data_source
 
 from router.flagfile import read_flag_file, set_tenants, tenant_variation
@@ -39,6 +40,7 @@ from tests.procs import (
     wait_until,
     write_config,
 )
+from tests.redis_server import RedisServer
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +72,16 @@ def start(
     flag_file: Path,
     *args: str,
     wait_ready: bool = True,
+    ledger_url: str | None = None,
     **sections: dict[str, Any],
 ) -> RouterProc:
     legacy, new = backends
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config = write_config(tmp_path / "router.yaml", legacy, new, flag_file, **sections)
+    if ledger_url is not None:
+        tree = yaml.safe_load(config.read_text())
+        tree["ledger"] = ledger_url
+        config.write_text(yaml.safe_dump(tree, sort_keys=False))
     return procs.router(config, *args, wait_ready=wait_ready)
 
 
@@ -541,3 +549,49 @@ def test_access_log_line_has_the_route_and_no_secrets(
     output = "\n".join(router.proc.stdout + router.proc.stderr)
     for secret in secrets:
         assert secret not in output
+
+
+# ---- (f) the ratchet across processes ----------------------------------------------------
+
+
+def _routed(router: RouterProc, tenant: str) -> str:
+    response = router.get("/", tenant=tenant)
+    assert response.status == 200, (response.status, response.body[:300])
+    return response.headers["X-Routed-To"]
+
+
+def test_two_router_processes_sharing_redis_both_refuse_a_flip_back(
+    procs: Procs,
+    backends: tuple[Backend, Backend],
+    tmp_path: Path,
+    flag_file: Path,
+    redis_server: RedisServer,
+) -> None:
+    ledger = redis_server.url()
+    one = start(procs, backends, tmp_path / "one", flag_file, ledger_url=ledger)
+    two = start(procs, backends, tmp_path / "two", flag_file, ledger_url=ledger)
+    assert _routed(one, "globex") == "new; reason=flag"  # served by new through router one
+    run_router("flags", "set", "globex", "legacy", "--file", str(flag_file))
+    for router in (one, two):  # two never served globex; it learns from the shared ledger
+        wait_until(
+            lambda r=router: _routed(r, "globex") == "new; reason=ratchet",
+            3.0,
+            what="the ratchet",
+            proc=router.proc,
+        )
+        assert side(router.get("/", tenant="globex")) == "new"
+    assert _routed(two, "acme") == "legacy; reason=flag"
+
+
+def test_a_restarted_router_keeps_refusing_with_its_sqlite_ledger(
+    procs: Procs, backends: tuple[Backend, Backend], tmp_path: Path, flag_file: Path
+) -> None:
+    router = start(procs, backends, tmp_path, flag_file)
+    assert _routed(router, "globex") == "new; reason=flag"
+    router.proc.signal(signal.SIGTERM)
+    assert router.proc.wait(timeout=15) == 0
+    run_router("flags", "set", "globex", "legacy", "--file", str(flag_file))
+    restarted = start(procs, backends, tmp_path, flag_file)  # same config, same ledger file
+    assert _routed(restarted, "globex") == "new; reason=ratchet"
+    assert side(restarted.get("/", tenant="globex")) == "new"
+    assert _routed(restarted, "acme") == "legacy; reason=flag"
