@@ -232,7 +232,7 @@ class ProxyHandler:
                 # Phase 3: forward
                 has_body = request.body_exists
                 chunked = has_body and request.content_length is None
-                head = build_request_head(
+                head, client = build_request_head(
                     request, request_target, host, request_id, client, pool, self._rules,
                     has_body, chunked,
                 )  # fmt: skip
@@ -423,7 +423,7 @@ class RouterApp:
         tenant_headers = tuple(
             e.name for e in settings.tenant.extractors if isinstance(e, HeaderExtractor)
         )
-        self.header_rules = HeaderRules(tenant_headers)
+        self.header_rules = HeaderRules(tenant_headers, settings.server.trusted_hops)
         self.access_log = AccessLog(
             self.loop,
             settings.access_log.sample_rate,

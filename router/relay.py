@@ -88,9 +88,11 @@ _CONNECTION_VALUES: dict[bytes, frozenset[bytes]] = {}
 class HeaderRules:
     """What to drop from each direction; built once from the configuration."""
 
-    __slots__ = ("underscore_spellings",)
+    __slots__ = ("trusted_hops", "underscore_spellings")
 
-    def __init__(self, tenant_headers: tuple[str, ...]) -> None:
+    def __init__(self, tenant_headers: tuple[str, ...], trusted_hops: int = 1) -> None:
+        # Proxies in front of us whose X-Forwarded-* we believe (server.trusted_hops).
+        self.trusted_hops = trusted_hops
         owned = {n.decode() for n in _ROUTER_OWNED_REQUEST} | {h.lower() for h in tenant_headers}
         # `x_tenant_id`, `x-tenant_id`, ...: any spelling with an underscore that a backend
         # could normalise to a router-owned field. Compared after mapping '_' to '-'.
@@ -107,12 +109,20 @@ def build_request_head(
     rules: HeaderRules,
     has_body: bool,
     chunked: bool,
-) -> bytes:
-    """The request head for the upstream: the client's fields minus the hop-by-hop and
-    router-owned ones, then the router's own (Host, framing, X-Forwarded-*, X-Request-Id).
+) -> tuple[bytes, str]:
+    """The request head for the upstream, and the client's address.
 
-    `target` is the origin-form request target, `host` the client's effective Host (after
-    absolute-form normalisation), `client` the peer address.
+    The head: the client's fields minus the hop-by-hop and router-owned ones, then the
+    router's own (Host, framing, X-Forwarded-*, X-Request-Id). `target` is the origin-form
+    request target, `host` the client's effective Host (after absolute-form normalisation),
+    `client` the peer address.
+
+    X-Forwarded-For: only the last `rules.trusted_hops` entries are believed (each trusted
+    proxy appends the address it saw; anything to their left was written by the client
+    and may be forged). The upstream gets those entries plus the peer, so its leftmost
+    entry is never one a client made up; the client address returned (for the access log)
+    is the one the outermost trusted hop saw, or the peer when there is none.
+    X-Forwarded-Proto and -Host are believed only with at least one trusted hop.
     """
     raw_headers = request.raw_headers
     connection_named = (
@@ -157,10 +167,23 @@ def build_request_head(
         else:
             parts.append(b"Content-Length: %d\r\n" % (request.content_length or 0))
     peer = client.encode("ascii", "replace")
+    hops = rules.trusted_hops
+    if hops == 0:  # nobody in front of us: every X-Forwarded-* came from the client
+        forwarded_for = peer
+        forwarded_proto = forwarded_host = b""
+    elif forwarded_for:
+        trusted = [e for e in (x.strip() for x in forwarded_for.split(b",")) if e][-hops:]
+        if trusted:
+            client = trusted[0].decode("latin-1")
+            forwarded_for = b", ".join(trusted) + b", " + peer
+        else:
+            forwarded_for = peer
+    else:
+        forwarded_for = peer
     extend(
         (
             b"X-Forwarded-For: ",
-            forwarded_for + b", " + peer if forwarded_for else peer,
+            forwarded_for,
             b"\r\nX-Forwarded-Proto: ",
             forwarded_proto or b"http",
             b"\r\nX-Forwarded-Host: ",
@@ -170,7 +193,7 @@ def build_request_head(
             b"\r\n\r\n",
         )
     )
-    return b"".join(parts)
+    return b"".join(parts), client
 
 
 # How the response body is delimited towards the client.

@@ -219,6 +219,12 @@ class ServerSettings(_Frozen):
     max_headers: int = Field(default=100, ge=8)
     # Adds `X-Routed-To` (target; reason) to responses; useful in staging, off in prod.
     debug_headers: bool = False
+    # Proxies in front of the router whose X-Forwarded-For entries are believed: 1 = the
+    # ALB (it appends the address it saw). The client address logged, and the leftmost
+    # X-Forwarded-For entry sent upstream, is the one the outermost trusted hop saw, never
+    # an entry the client wrote. 0: nothing in front (the peer is the client, and the
+    # client's X-Forwarded-* are dropped); 2: e.g. CloudFront -> ALB -> router.
+    trusted_hops: int = Field(default=1, ge=0, le=16)
 
     @field_validator("listen", "admin_listen")
     @classmethod

@@ -100,9 +100,10 @@ def parse_head(head: bytes, response: bool = False) -> list[tuple[bytes, bytes]]
 def request_head(headers: list[tuple[str, str]]) -> bytes:
     multi: CIMultiDict[str] = CIMultiDict(headers)
     request = make_mocked_request("GET", "/p?q=1", headers=CIMultiDictProxy(multi))
-    return build_request_head(
+    head, _client = build_request_head(
         request, b"/p?q=1", "client.example", "req-1", "192.0.2.7", POOL, RULES, False, False
     )  # type: ignore[arg-type]
+    return head
 
 
 # ---- tenant extractors ---------------------------------------------------------------------
