@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
@@ -31,6 +31,7 @@ from router.errors import (
     HoldTimeout,
     MethodNotAllowed,
     NotReady,
+    Overloaded,
     RouterError,
     UpstreamError,
     UriTooLong,
@@ -108,6 +109,7 @@ class RequestIds:
 class ProxyHandler:
     __slots__ = (
         "_access_log",
+        "_app",
         "_debug_headers",
         "_decider",
         "_flags",
@@ -116,10 +118,12 @@ class ProxyHandler:
         "_inflight",
         "_ledger",
         "_loop",
+        "_max_inflight",
         "_metrics",
         "_pools",
         "_request_ids",
         "_rules",
+        "active",
     )
 
     def __init__(self, app: RouterApp) -> None:
@@ -136,6 +140,9 @@ class ProxyHandler:
         self._ledger = app.ledger
         self._inflight = app.tenant_inflight
         self._hold_timeout = app.settings.routing.hold_timeout
+        self._max_inflight = app.settings.limits.max_inflight
+        self._app = app
+        self.active = 0  # requests being proxied now (overload protection)
 
     def reject(self, error: RouterError, client: str | None) -> web.Response:
         """Answer a request that never reached __call__ (aiohttp refused to parse it) with
@@ -152,6 +159,21 @@ class ProxyHandler:
         response.force_close()
         response.headers["Connection"] = "close"
         return response
+
+    def shed_connection(self, transport: asyncio.BaseTransport) -> None:
+        """Refuse a connection over limits.max_connections: 503 overloaded, then close."""
+        self._metrics.shed_one("connections")
+        error = Overloaded("too many open connections; retry")
+        request_id = self._request_ids.next()
+        body = json.dumps({"error": error.code, "detail": error.detail, "request_id": request_id})
+        head = (
+            f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: {RETRY_AFTER_SECONDS}\r\n"
+            f"X-Request-Id: {request_id}\r\nConnection: close\r\n\r\n"
+        )
+        writable = cast(asyncio.WriteTransport, transport)
+        writable.write(head.encode() + body.encode())
+        writable.close()
 
     async def _held(
         self,
@@ -200,6 +222,11 @@ class ProxyHandler:
                     raise MethodNotAllowed("CONNECT is not supported: this is not a forward proxy")
                 if not self._flags.ready or not self._ledger.loaded:
                     raise NotReady("no flag data yet" if self._ledger.loaded else "no ledger yet")
+                if self.active >= self._max_inflight or self._app.lagging:
+                    reason = "inflight" if self.active >= self._max_inflight else "loop_lag"
+                    self._metrics.shed_one(reason)
+                    reason = "none"
+                    raise Overloaded("the router is overloaded; retry")
                 request_target, host = origin_form(request)
                 path = request_target.decode("latin-1")
                 headers = request.headers
@@ -221,6 +248,7 @@ class ProxyHandler:
                     if pending is not None:
                         await pending
                 pool = self._pools[target]
+                self.active += 1
                 self._metrics.request_started(target, reason)
                 if reason == "ratchet":
                     self._metrics.ratchet_refusals += 1
@@ -284,6 +312,7 @@ class ProxyHandler:
             if pool is None:  # answered here: never reached a side (or held, then refused)
                 self._metrics.local_reply(method, status, target)
             else:
+                self.active -= 1
                 if tenant is not None:
                     counts = self._inflight[tenant]
                     counts[target] -= 1
@@ -339,6 +368,12 @@ class JsonErrorRequestHandler(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        manager = self._manager
+        if isinstance(manager, ProxyServer) and manager.open_connections > manager.max_connections:
+            # Over the cap: a clean refusal (a 503 the client can read, then the close),
+            # rather than an accept that is never served. Open connections keep working.
+            manager.proxy.shed_connection(transport)
+            return
         peername = transport.get_extra_info("peername")
         if isinstance(peername, (list, tuple)) and peername:
             self.peer = str(peername[0])
@@ -388,10 +423,22 @@ class JsonErrorRequestHandler(RequestHandler):
 class ProxyServer(web.Server):
     """aiohttp's low-level server (no URL dispatcher: every request goes to one handler)."""
 
-    def __init__(self, proxy: ProxyHandler, *, target_limit: int, **kwargs: Any) -> None:
+    def __init__(
+        self, proxy: ProxyHandler, *, target_limit: int, max_connections: int, **kwargs: Any
+    ) -> None:
         super().__init__(proxy, max_line_size=target_limit, **kwargs)
         self.proxy = proxy
         self.target_limit = target_limit
+        self.max_connections = max_connections
+        self.open_connections = 0  # `connections` copies a list: too dear per accept
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        self.open_connections += 1
+        super().connection_made(handler, transport)
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        self.open_connections -= 1
+        super().connection_lost(handler, exc)
 
     def __call__(self) -> RequestHandler:
         return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
@@ -432,6 +479,8 @@ class RouterApp:
         self.request_ids = RequestIds()
         self.draining = False
         self.worker = worker
+        self.lagging = False  # event-loop lag above limits.max_loop_lag: shed new requests
+        self._lag_monitor: asyncio.Future[None] | None = None
         self.flags.add_change_callback(self.metrics.flag_updated)
         self.metrics.held = lambda: self.decider.holds.total
         self.decider.on_override_rejected = self.metrics.override_rejected
@@ -441,7 +490,29 @@ class RouterApp:
         )
 
     async def start(self) -> None:
+        if self._lag_monitor is None:
+            self._lag_monitor = asyncio.ensure_future(self._watch_loop_lag())
         await asyncio.gather(self.flags.start(), self._start_ledger())
+
+    async def _watch_loop_lag(self) -> None:
+        """How late a 100 ms timer fires: past limits.max_loop_lag the loop has accepted
+        more than it can serve, and new requests are shed until it catches up."""
+        interval = 0.1
+        clock = time.perf_counter
+        limit = self.settings.limits.max_loop_lag
+        while True:
+            started = clock()
+            await asyncio.sleep(interval)
+            lag = max(0.0, clock() - started - interval)
+            self.metrics.loop_lag = lag
+            if (lag > limit) != self.lagging:
+                self.lagging = lag > limit
+                log.warning(
+                    "event loop lagging: shedding new requests"
+                    if self.lagging
+                    else "event loop caught up: no longer shedding",
+                    extra={"lag_ms": round(lag * 1000, 1), "limit_ms": limit * 1000},
+                )
 
     async def _start_ledger(self) -> None:
         """Open the ledger and read it, retrying: until then the router is not ready (it
@@ -461,6 +532,8 @@ class RouterApp:
                 delay = min(delay * 2, 10.0)
 
     async def close(self) -> None:
+        if self._lag_monitor is not None:
+            self._lag_monitor.cancel()
         for pool in self.pools.values():
             await pool.close()
         await self.flags.close()
@@ -506,6 +579,7 @@ class RouterApp:
         return ProxyServer(
             ProxyHandler(self),
             target_limit=target_limit,
+            max_connections=self.settings.limits.max_connections,
             loop=self.loop,
             access_log=None,
             # Request bodies are relayed as sent, never decompressed.

@@ -25,6 +25,8 @@ an SRE can grep, graph and alert on it. Codes are a contract (DESIGN.md): add, n
     └── InternalError               source=internal
         ├── not_ready               503  no flag data yet (the LB should not have sent this)
         ├── draining                503  shutting down (ditto)
+        ├── overloaded              503  a limit of settings.limits was hit: connections,
+        │                                requests in flight, or event-loop lag
         ├── unauthorized            401  admin route without the right bearer token
         ├── admin_disabled          403  admin route, but no ROUTER_ADMIN_TOKEN configured
         └── internal_error          500  a bug: logged with its traceback
@@ -134,6 +136,12 @@ class HoldOverflow(CutoverError):
 
 class LedgerUnavailable(CutoverError):
     code = "ledger_unavailable"
+
+
+class Overloaded(InternalError):
+    code = "overloaded"
+    status = 503
+    retryable = True  # nothing reached a backend
 
 
 class Unauthorized(InternalError):

@@ -75,11 +75,18 @@ FAMILIES: Final[dict[str, tuple[str, str, tuple[str, ...]]]] = {
     "router_override_rejections_total": (
         "counter", "X-Router-Target headers ignored, by reason (no valid signature).",
         ("reason",)),
+    "router_shed_requests_total": (
+        "counter", "Requests and connections refused by overload protection, by reason "
+        "(connections, inflight, loop_lag).", ("reason",)),
+    "router_event_loop_lag_seconds": (
+        "gauge", "How late a 100 ms timer last fired on the event loop (max over workers).",
+        ()),
     "router_workers": (
         "gauge", "Worker processes this scrape's figures include (answered) or lack (missing).",
         ("state",)),
 }  # fmt: skip
 _MIN_GAUGES: Final = frozenset({"router_flag_source_ready"})
+_MAX_GAUGES: Final = frozenset({"router_event_loop_lag_seconds"})
 _BUCKETS: Final = {
     "router_request_duration_seconds": LATENCY_BUCKETS,
     "router_upstream_connect_duration_seconds": CONNECT_BUCKETS,
@@ -122,6 +129,8 @@ class Metrics:
         self.hold_timeouts = 0
         self.ratchet_refusals = 0
         self.override_rejections: dict[str, int] = {}
+        self.shed: dict[str, int] = {}
+        self.loop_lag = 0.0
         self.held: Callable[[], int] = lambda: 0
         # Read at scrape time (set by RouterApp): flag readiness and pool sizes.
         self.flag_ready: Callable[[], bool] = lambda: False
@@ -142,6 +151,9 @@ class Metrics:
         decisions = self.decisions
         key = (target, reason)
         decisions[key] = decisions.get(key, 0) + 1
+
+    def shed_one(self, reason: str) -> None:
+        self.shed[reason] = self.shed.get(reason, 0) + 1
 
     def override_rejected(self, reason: str) -> None:
         rejections = self.override_rejections
@@ -208,6 +220,7 @@ class Metrics:
             "router_override_rejections_total": [
                 [[r], v] for r, v in self.override_rejections.items()
             ],
+            "router_shed_requests_total": [[[r], v] for r, v in self.shed.items()],
         }
         pools: list[Any] = []
         for target, idle, active in self.pool_sizes():
@@ -219,6 +232,7 @@ class Metrics:
             "router_pool_connections": pools,
             "router_held_requests": [[[], self.held()]],
             "router_workers": [[["answered"], 1]],
+            "router_event_loop_lag_seconds": [[[], self.loop_lag]],
         }
         histograms: dict[str, list[Any]] = {
             "router_request_duration_seconds": [
@@ -248,6 +262,8 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot:
                         merged[key] = value
                     elif name in _MIN_GAUGES:
                         merged[key] = min(merged[key], value)
+                    elif name in _MAX_GAUGES:
+                        merged[key] = max(merged[key], value)
                     else:
                         merged[key] += value
         for name, series in snap.get("histograms", {}).items():

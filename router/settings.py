@@ -276,6 +276,24 @@ class RoutingSettings(_Frozen):
     override_window: PositiveSeconds = 300.0
 
 
+class LimitSettings(_Frozen):
+    """Overload protection, per worker process. When a bound is hit the router sheds load
+    with 503 `overloaded` and Retry-After (counted in router_shed_requests_total) instead of
+    queueing without bound: a client retries elsewhere, and the requests already accepted
+    keep their latency. For comparison: HAProxy's `maxconn` (per process) is derived from
+    the file-descriptor limit when unset, and it queues beyond; Envoy has no connection
+    limit unless its overload manager is configured, and then sheds by memory."""
+
+    # Open client connections. Beyond it, a new connection gets a 503 and is closed at
+    # once; the open ones keep working. 10,000 idle connections cost about 85 MiB.
+    max_connections: int = Field(default=20_000, ge=1)
+    # Requests being proxied (held ones excluded: they are bounded by routing.max_held_*).
+    max_inflight: int = Field(default=10_000, ge=1)
+    # Event-loop lag (how late a 100 ms timer fires) above which new requests are shed
+    # until it recovers: past this the loop cannot keep up with what it has accepted.
+    max_loop_lag: PositiveSeconds = 0.5
+
+
 class AccessLogSettings(_Frozen):
     enabled: bool = True
     # Fraction of successful requests logged; errors (status >= 500 or an error code)
@@ -290,6 +308,7 @@ class Settings(_Frozen):
     upstreams: UpstreamsSettings
     access_log: AccessLogSettings = Field(default_factory=AccessLogSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # The ratchet ledger (ledger.py): sqlite:///path (one router) or redis://host:port/db
     # (a fleet: every instance must see the same ledger).
