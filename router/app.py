@@ -26,6 +26,7 @@ from router.accesslog import AccessLog
 from router.errors import (
     RETRY_AFTER_SECONDS,
     BadRequest,
+    BodyTooLarge,
     ClientError,
     HeadersTooLarge,
     HoldTimeout,
@@ -50,7 +51,7 @@ from router.relay import (
     origin_form,
     valid_request_id,
 )
-from router.routing import Decider, LedgerView, Route
+from router.routing import Decider, LedgerView, Route, compile_path_patterns
 from router.settings import TARGETS, HeaderExtractor, Settings
 from router.tenant import TenantIdentifier
 from router.upstream import UpstreamPool
@@ -110,6 +111,7 @@ class ProxyHandler:
     __slots__ = (
         "_access_log",
         "_app",
+        "_body_limits",
         "_debug_headers",
         "_decider",
         "_flags",
@@ -118,6 +120,7 @@ class ProxyHandler:
         "_inflight",
         "_ledger",
         "_loop",
+        "_max_body",
         "_max_inflight",
         "_metrics",
         "_pools",
@@ -140,7 +143,12 @@ class ProxyHandler:
         self._ledger = app.ledger
         self._inflight = app.tenant_inflight
         self._hold_timeout = app.settings.routing.hold_timeout
-        self._max_inflight = app.settings.limits.max_inflight
+        limits = app.settings.limits
+        self._max_inflight = limits.max_inflight
+        self._max_body = limits.max_body_bytes
+        self._body_limits = compile_path_patterns(
+            [(rule.pattern, rule.max_bytes) for rule in limits.body_limits]
+        )
         self._app = app
         self.active = 0  # requests being proxied now (overload protection)
 
@@ -159,6 +167,15 @@ class ProxyHandler:
         response.force_close()
         response.headers["Connection"] = "close"
         return response
+
+    def _body_limit(self, path: str) -> int | None:
+        """The body limit for this path: the first limits.body_limits match, else
+        limits.max_body_bytes (None: no limit)."""
+        if self._body_limits is not None:
+            limit = self._body_limits(path)
+            if limit is not None:
+                return limit
+        return self._max_body
 
     def shed_connection(self, transport: asyncio.BaseTransport) -> None:
         """Refuse a connection over limits.max_connections: 503 overloaded, then close."""
@@ -260,13 +277,18 @@ class ProxyHandler:
                 # Phase 3: forward
                 has_body = request.body_exists
                 chunked = has_body and request.content_length is None
+                body_limit = None
+                if has_body:
+                    body_limit = self._body_limit(path)
+                    if body_limit is not None and (request.content_length or 0) > body_limit:
+                        raise BodyTooLarge(f"request body over the {body_limit}-byte limit")
                 head, client = build_request_head(
                     request, request_target, host, request_id, client, pool, self._rules,
                     has_body, chunked,
                 )  # fmt: skip
                 exchange = Exchange()
                 upstream_start = clock()
-                upstream = await exchange.send(request, pool, head, has_body, chunked)
+                upstream = await exchange.send(request, pool, head, has_body, chunked, body_limit)
                 if exchange.connect_seconds:
                     self._metrics.connected(target, exchange.connect_seconds)
                 status = upstream.status

@@ -8,6 +8,8 @@ an SRE can grep, graph and alert on it. Codes are a contract (DESIGN.md): add, n
     ├── ClientError                 source=downstream: the request itself is at fault
     │   ├── bad_request             400  malformed request, or one we refuse to forward
     │   ├── method_not_allowed      405  CONNECT: this is not a forward proxy
+    │   ├── body_too_large          413  request body over limits.max_body_bytes (or a
+    │   │                                body_limits entry); the connection is closed
     │   ├── uri_too_long            414  request line over the limit
     │   └── headers_too_large       431  a header field over the limit, or too many fields
     ├── UpstreamError               source=upstream: the chosen backend failed us
@@ -69,6 +71,11 @@ class BadRequest(ClientError):
 class MethodNotAllowed(ClientError):
     code = "method_not_allowed"
     status = 405
+
+
+class BodyTooLarge(ClientError):
+    code = "body_too_large"
+    status = 413
 
 
 class UriTooLong(ClientError):

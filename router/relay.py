@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
-from router.errors import BadRequest, RouterError, UpstreamReset
+from router.errors import BadRequest, BodyTooLarge, RouterError, UpstreamReset
 from router.upstream import RETRYABLE_METHODS, UpstreamConnection, UpstreamPool, UpstreamResponse
 
 if TYPE_CHECKING:
@@ -321,8 +321,10 @@ class Exchange:
         head: bytes,
         has_body: bool,
         chunked: bool,
+        body_limit: int | None = None,
     ) -> UpstreamResponse:
-        """Send the request and return the response head; retries once where safe."""
+        """Send the request and return the response head; retries once where safe.
+        `body_limit`: a body that grows past it fails with BodyTooLarge (413)."""
         conn = pool.acquire_idle()
         if conn is None:
             started = time.perf_counter()
@@ -332,7 +334,7 @@ class Exchange:
         reused = conn.requests > 0
         try:
             if has_body:
-                return await self._attempt(conn, request, pool, head, has_body, chunked)
+                return await self._attempt(conn, request, pool, head, chunked, body_limit)
             # No body (most requests): the same as _attempt, one coroutine fewer.
             self.conn = conn
             conn.start_request(head, request.method == "HEAD")
@@ -352,7 +354,7 @@ class Exchange:
         started = time.perf_counter()
         conn = await pool.connect()
         self.connect_seconds = time.perf_counter() - started
-        return await self._attempt(conn, request, pool, head, has_body, chunked)
+        return await self._attempt(conn, request, pool, head, chunked, body_limit)
 
     async def _attempt(
         self,
@@ -360,27 +362,34 @@ class Exchange:
         request: web.BaseRequest,
         pool: UpstreamPool,
         head: bytes,
-        has_body: bool,
         chunked: bool,
+        body_limit: int | None,
     ) -> UpstreamResponse:
+        """Send the head, stream the body alongside, return the response head."""
         self.conn = conn
         conn.start_request(head, request.method == "HEAD")
-        if has_body:
-            body_task = self.body_task = asyncio.ensure_future(
-                self._send_body(request, conn, chunked, pool.response_header_timeout)
-            )
-            head_waiter = conn.head_waiter
-            # The upstream may answer before reading the whole body (an early 413, say): wait
-            # for whichever comes first, then give the response-header timeout to the rest.
-            await asyncio.wait((body_task, head_waiter), return_when=asyncio.FIRST_COMPLETED)
-            if body_task.done() and not head_waiter.done():
-                body_task.result()  # raises if the client or the upstream side failed
+        body_task = self.body_task = asyncio.ensure_future(
+            self._send_body(request, conn, chunked, pool.response_header_timeout, body_limit)
+        )
+        head_waiter = conn.head_waiter
+        # The upstream may answer before reading the whole body (an early 413, say): wait
+        # for whichever comes first, then give the response-header timeout to the rest.
+        await asyncio.wait((body_task, head_waiter), return_when=asyncio.FIRST_COMPLETED)
+        if body_task.done() and not head_waiter.done():
+            body_task.result()  # raises if the client or the upstream side failed
         return await conn.response_head(pool.response_header_timeout)
 
     async def _send_body(
-        self, request: web.BaseRequest, conn: UpstreamConnection, chunked: bool, timeout: float
+        self,
+        request: web.BaseRequest,
+        conn: UpstreamConnection,
+        chunked: bool,
+        timeout: float,
+        limit: int | None,
     ) -> None:
-        """Stream the request body; `timeout` bounds each wait for the upstream to read."""
+        """Stream the request body; `timeout` bounds each wait for the upstream to read.
+        Past `limit` bytes: BodyTooLarge (finish() then drops the upstream connection, which
+        holds a truncated request)."""
         content: StreamReader = request.content
         if request.headers.get("Expect", "").lower() == "100-continue":
             # Answer the client's Expect ourselves (the Expect field is not forwarded) once
@@ -392,6 +401,8 @@ class Exchange:
             if not chunk:
                 break
             self.bytes_in += len(chunk)
+            if limit is not None and self.bytes_in > limit:
+                raise BodyTooLarge(f"request body over the {limit}-byte limit")
             if chunked:
                 write(b"".join((b"%x\r\n" % len(chunk), chunk, b"\r\n")))
             else:

@@ -31,8 +31,8 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Final, Literal
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Final, Literal, TypeVar
 
 from router.errors import HoldOverflow, HoldTimeout, LedgerUnavailable
 from router.flags import FlagSource
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from router.override import OverrideVerifier
 
 log = logging.getLogger("router.routing")
+T = TypeVar("T")
 
 Decision = Literal["legacy", "new", "hold"]
 Reason = Literal["flag", "ratchet", "override", "no-tenant", "pinned-path", "default"]
@@ -71,17 +72,19 @@ ROUTES: Final[dict[tuple[Decision, Reason], Route]] = {
 }
 
 
-def compile_pinned(pinned: list[PinnedPath]) -> Callable[[str], str | None] | None:
-    """One regex for all pinned patterns (compiled once), or None when there are none.
+def compile_path_patterns(pairs: Sequence[tuple[str, T]]) -> Callable[[str], T | None] | None:
+    """One regex for all (pattern, value) pairs, compiled once; None when there are none.
 
-    The returned function maps a path (query included or not) to its pinned target.
+    The returned function maps a path (query included or not) to the value of the first
+    pattern that matches the whole path. `*` matches within one segment, `**` across
+    segments, anything else literally.
     """
-    if not pinned:
+    if not pairs:
         return None
     alternatives = []
-    for index, spec in enumerate(pinned):
+    for index, (pattern, _value) in enumerate(pairs):
         regex = ""
-        for part in re.split(r"(\*\*|\*)", spec.pattern):
+        for part in re.split(r"(\*\*|\*)", pattern):
             if part == "**":
                 regex += ".*"
             elif part == "*":
@@ -90,15 +93,20 @@ def compile_pinned(pinned: list[PinnedPath]) -> Callable[[str], str | None] | No
                 regex += re.escape(part)
         alternatives.append(f"(?P<p{index}>{regex})")
     matcher = re.compile("(?:" + "|".join(alternatives) + r")(?:\?.*)?\Z", re.DOTALL)
-    targets = [spec.target for spec in pinned]
+    values = [value for _pattern, value in pairs]
 
-    def pinned_target(path: str) -> str | None:
+    def lookup(path: str) -> T | None:
         match = matcher.match(path)
-        if match is None:
+        if match is None or match.lastgroup is None:
             return None
-        return targets[int(match.lastgroup[1:])] if match.lastgroup else None
+        return values[int(match.lastgroup[1:])]
 
-    return pinned_target
+    return lookup
+
+
+def compile_pinned(pinned: list[PinnedPath]) -> Callable[[str], str | None] | None:
+    """Path -> the side it is pinned to (routing.pinned_paths), or None."""
+    return compile_path_patterns([(spec.pattern, str(spec.target)) for spec in pinned])
 
 
 class LedgerView:

@@ -276,6 +276,20 @@ class RoutingSettings(_Frozen):
     override_window: PositiveSeconds = 300.0
 
 
+class BodyLimit(_Frozen):
+    """A request-body limit for paths matching `pattern` (routing.pinned_paths syntax)."""
+
+    pattern: str
+    max_bytes: int = Field(ge=0)
+
+    @field_validator("pattern")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"must start with '/', got {v!r}")
+        return v
+
+
 class LimitSettings(_Frozen):
     """Overload protection, per worker process. When a bound is hit the router sheds load
     with 503 `overloaded` and Retry-After (counted in router_shed_requests_total) instead of
@@ -292,6 +306,12 @@ class LimitSettings(_Frozen):
     # Event-loop lag (how late a 100 ms timer fires) above which new requests are shed
     # until it recovers: past this the loop cannot keep up with what it has accepted.
     max_loop_lag: PositiveSeconds = 0.5
+    # Request bodies larger than this get 413 body_too_large (null: no limit). The router
+    # streams bodies, so size costs it no memory; the limit protects the backends. nginx's
+    # client_max_body_size defaults to 1 MiB; HAProxy and Envoy (streaming) set none.
+    max_body_bytes: int | None = Field(default=None, ge=0)
+    # Per-path limits, first match wins, before max_body_bytes: e.g. uploads may be larger.
+    body_limits: list[BodyLimit] = Field(default_factory=list)
 
 
 class AccessLogSettings(_Frozen):

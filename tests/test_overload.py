@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -95,3 +96,44 @@ async def test_a_lagging_event_loop_sheds_until_it_recovers(
     assert not router.app.lagging
     async with client.get(f"{router.url}/x", headers={"X-Tenant-Id": "acme"}) as response:
         assert response.status == 200
+
+
+async def test_request_bodies_over_the_limit_get_413(
+    backends: Backends, flag_file: Path, start_router: StartRouter, client: aiohttp.ClientSession
+) -> None:
+    router = await start_router(
+        router_settings(
+            backends.url("legacy"), backends.url("new"), flag_file,
+            limits__max_body_bytes=1000,
+            limits__body_limits=[{"pattern": "/upload/**", "max_bytes": 100_000}],
+        )
+    )  # fmt: skip
+    headers = {"X-Tenant-Id": "acme"}
+    # Declared too large: refused before any upstream sees it, and the connection closes.
+    declared = await raw_request(
+        router.port,
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nX-Tenant-Id: acme\r\nContent-Length: 5000\r\n\r\n"
+        + b"x" * 5000,
+    )
+    assert declared.status == 413
+    assert declared.json()["error"] == "body_too_large"
+    assert declared.headers["connection"] == "close"
+    assert sample(router, "router_requests_total", target="legacy", method="POST", code="200") == 0
+
+    # Chunked, found too large while streaming: 413, and the next request is fine.
+    async def chunks() -> Any:
+        for _ in range(10):
+            yield b"y" * 500
+
+    async with client.post(f"{router.url}/echo", headers=headers, data=chunks()) as response:
+        assert response.status == 413
+        assert (await response.json())["error"] == "body_too_large"
+    async with client.post(f"{router.url}/echo", headers=headers, data=b"z" * 1000) as response:
+        assert response.status == 200
+        assert (await response.json())["body_bytes"] == 1000
+
+    # A path with its own, larger limit.
+    async with client.post(f"{router.url}/upload/a", headers=headers, data=b"u" * 50_000) as r:
+        assert r.status == 200
+    async with client.post(f"{router.url}/upload/a", headers=headers, data=b"u" * 100_001) as r:
+        assert r.status == 413
