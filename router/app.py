@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from http import HTTPStatus
 from typing import Any, Final, cast
 
 from aiohttp import web
@@ -28,6 +29,7 @@ from router.errors import (
     BadRequest,
     BodyTooLarge,
     ClientError,
+    ClientTimeout,
     HeadersTooLarge,
     HoldTimeout,
     MethodNotAllowed,
@@ -112,6 +114,7 @@ class ProxyHandler:
         "_access_log",
         "_app",
         "_body_limits",
+        "_client_body_timeout",
         "_debug_headers",
         "_decider",
         "_flags",
@@ -145,6 +148,7 @@ class ProxyHandler:
         self._hold_timeout = app.settings.routing.hold_timeout
         limits = app.settings.limits
         self._max_inflight = limits.max_inflight
+        self._client_body_timeout = app.settings.server.client_body_timeout
         self._max_body = limits.max_body_bytes
         self._body_limits = compile_path_patterns(
             [(rule.pattern, rule.max_bytes) for rule in limits.body_limits]
@@ -180,12 +184,24 @@ class ProxyHandler:
     def shed_connection(self, transport: asyncio.BaseTransport) -> None:
         """Refuse a connection over limits.max_connections: 503 overloaded, then close."""
         self._metrics.shed_one("connections")
-        error = Overloaded("too many open connections; retry")
+        self.refuse_connection(transport, Overloaded("too many open connections; retry"))
+
+    def refuse_connection(
+        self, transport: asyncio.BaseTransport, error: RouterError, log_path: str = "-"
+    ) -> None:
+        """Answer `error` on a connection with no request to answer (over the connection
+        cap, or a head too slow to arrive), then close it; recorded like other replies."""
+        self._metrics.local_reply("-", error.status)
         request_id = self._request_ids.next()
+        self._access_log.record(
+            request_id, None, "none", "none", "-", log_path, error.status, 0, 0, 0.0, None,
+            error.code, None,
+        )  # fmt: skip
         body = json.dumps({"error": error.code, "detail": error.detail, "request_id": request_id})
+        retry_after = f"Retry-After: {RETRY_AFTER_SECONDS}\r\n" if error.status == 503 else ""
         head = (
-            f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nRetry-After: {RETRY_AFTER_SECONDS}\r\n"
+            f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{retry_after}"
             f"X-Request-Id: {request_id}\r\nConnection: close\r\n\r\n"
         )
         writable = cast(asyncio.WriteTransport, transport)
@@ -286,7 +302,7 @@ class ProxyHandler:
                     request, request_target, host, request_id, client, pool, self._rules,
                     has_body, chunked,
                 )  # fmt: skip
-                exchange = Exchange()
+                exchange = Exchange(self._client_body_timeout)
                 upstream_start = clock()
                 upstream = await exchange.send(request, pool, head, has_body, chunked, body_limit)
                 if exchange.connect_seconds:
@@ -379,14 +395,22 @@ class JsonErrorRequestHandler(RequestHandler):
     request line or the header section is over the limit.
     """
 
-    __slots__ = ("_proxy", "_target_limit", "peer")
+    __slots__ = ("_head_timer", "_header_timeout", "_proxy", "_target_limit", "peer")
 
     def __init__(self, manager: ProxyServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         # Per-connection state
         self._proxy = manager.proxy
         self._target_limit = manager.target_limit
+        self._header_timeout = manager.header_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
         self.peer = ""
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -419,6 +443,24 @@ class JsonErrorRequestHandler(RequestHandler):
                 body = request.content
                 body.set_exception(parse_error(error.exc, error.message, self._target_limit))
                 body.feed_eof()
+        # Slow headers (slowloris): the first bytes of a request head start a timer that a
+        # complete head (queued in _messages) or a request being handled (these bytes are
+        # its body) cancels; if it fires first, 408 and close.
+        if messages or self._request_in_progress:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+        elif self._head_timer is None and self.transport is not None:
+            self._head_timer = self._loop.call_later(self._header_timeout, self._head_too_slow)
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        transport = self.transport
+        if self._messages or self._request_in_progress or transport is None:
+            return
+        self._proxy.refuse_connection(
+            transport, ClientTimeout("request head not received in time"), "header_timeout"
+        )
 
     def handle_error(
         self,
@@ -446,12 +488,19 @@ class ProxyServer(web.Server):
     """aiohttp's low-level server (no URL dispatcher: every request goes to one handler)."""
 
     def __init__(
-        self, proxy: ProxyHandler, *, target_limit: int, max_connections: int, **kwargs: Any
+        self,
+        proxy: ProxyHandler,
+        *,
+        target_limit: int,
+        max_connections: int,
+        header_timeout: float,
+        **kwargs: Any,
     ) -> None:
         super().__init__(proxy, max_line_size=target_limit, **kwargs)
         self.proxy = proxy
         self.target_limit = target_limit
         self.max_connections = max_connections
+        self.header_timeout = header_timeout
         self.open_connections = 0  # `connections` copies a list: too dear per accept
 
     def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
@@ -602,6 +651,7 @@ class RouterApp:
             ProxyHandler(self),
             target_limit=target_limit,
             max_connections=self.settings.limits.max_connections,
+            header_timeout=s.header_timeout,
             loop=self.loop,
             access_log=None,
             # Request bodies are relayed as sent, never decompressed.

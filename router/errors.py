@@ -8,6 +8,9 @@ an SRE can grep, graph and alert on it. Codes are a contract (DESIGN.md): add, n
     ├── ClientError                 source=downstream: the request itself is at fault
     │   ├── bad_request             400  malformed request, or one we refuse to forward
     │   ├── method_not_allowed      405  CONNECT: this is not a forward proxy
+    │   ├── client_timeout          408  the request head, or the next piece of its body,
+    │   │                                did not arrive in time (server.header_timeout,
+    │   │                                server.client_body_timeout); the connection is closed
     │   ├── body_too_large          413  request body over limits.max_body_bytes (or a
     │   │                                body_limits entry); the connection is closed
     │   ├── uri_too_long            414  request line over the limit
@@ -71,6 +74,11 @@ class BadRequest(ClientError):
 class MethodNotAllowed(ClientError):
     code = "method_not_allowed"
     status = 405
+
+
+class ClientTimeout(ClientError):
+    code = "client_timeout"
+    status = 408
 
 
 class BodyTooLarge(ClientError):

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
-from router.errors import BadRequest, BodyTooLarge, RouterError, UpstreamReset
+from router.errors import BadRequest, BodyTooLarge, ClientTimeout, RouterError, UpstreamReset
 from router.upstream import RETRYABLE_METHODS, UpstreamConnection, UpstreamPool, UpstreamResponse
 
 if TYPE_CHECKING:
@@ -305,9 +305,10 @@ RELAYED_CLOSE: Final = RelayedResponse(keep_alive=False)
 class Exchange:
     """One request/response through an upstream pool, with byte counts for the record phase."""
 
-    __slots__ = ("body_task", "bytes_in", "bytes_out", "conn", "connect_seconds")
+    __slots__ = ("body_task", "body_timeout", "bytes_in", "bytes_out", "conn", "connect_seconds")
 
-    def __init__(self) -> None:
+    def __init__(self, body_timeout: float = 60.0) -> None:
+        self.body_timeout = body_timeout  # longest wait for the client's next body bytes
         self.conn: UpstreamConnection | None = None
         self.body_task: asyncio.Task[None] | None = None
         self.bytes_in = 0
@@ -396,8 +397,18 @@ class Exchange:
             # there is an upstream to send the body to.
             await request.writer.write(_CONTINUE)
         write = conn.write
+        loop = asyncio.get_running_loop()
+        body_timeout = self.body_timeout
+        stalled = ClientTimeout(f"no request body bytes for {body_timeout:g} s")
         while True:
-            chunk = await content.readany()
+            # A timer per read (not wait_for, which costs a task per chunk): if the client
+            # stalls, the read fails with ClientTimeout and finish() drops the upstream
+            # connection, which holds half a request.
+            timer = loop.call_later(body_timeout, content.set_exception, stalled)
+            try:
+                chunk = await content.readany()
+            finally:
+                timer.cancel()
             if not chunk:
                 break
             self.bytes_in += len(chunk)

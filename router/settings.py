@@ -214,6 +214,14 @@ class ServerSettings(_Frozen):
     # accepting and wait up to shutdown_timeout for in-flight requests.
     drain_delay: float = Field(default=10.0, ge=0)
     shutdown_timeout: float = Field(default=20.0, ge=0)
+    # Seconds from the first byte of a request head to its end (slowloris): past it, 408
+    # client_timeout and close. nginx client_header_timeout 60 s; HAProxy's
+    # `timeout http-request` is commonly 10 s; Envoy's request_headers_timeout is unset.
+    header_timeout: PositiveSeconds = 10.0
+    # Longest wait for the next piece of a request body (nginx client_body_timeout 60 s):
+    # past it, 408 client_timeout (the upstream connection, holding half a request, is
+    # dropped) rather than an upstream connection held for good by a stalled client.
+    client_body_timeout: PositiveSeconds = 60.0
     max_request_line: int = Field(default=8190, ge=256)
     max_header_size: int = Field(default=8190, ge=256)
     max_headers: int = Field(default=100, ge=8)

@@ -137,3 +137,56 @@ async def test_request_bodies_over_the_limit_get_413(
         assert r.status == 200
     async with client.post(f"{router.url}/upload/a", headers=headers, data=b"u" * 100_001) as r:
         assert r.status == 413
+
+
+async def test_a_slow_request_head_gets_408_and_the_connection_closes(
+    backends: Backends, flag_file: Path, start_router: StartRouter, client: aiohttp.ClientSession
+) -> None:
+    router = await start_router(
+        router_settings(
+            backends.url("legacy"), backends.url("new"), flag_file, server__header_timeout=0.3
+        )
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+    started = time.monotonic()
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # ...and never the end of the head
+    raw = await asyncio.wait_for(reader.read(), 5)  # read() returns at the close
+    elapsed = time.monotonic() - started
+    assert raw.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), raw[:100]
+    assert b'"error": "client_timeout"' in raw
+    assert 0.25 < elapsed < 2.0
+    writer.close()
+    # An idle connection (no bytes yet) is not timed out by it, and a complete head that
+    # arrives in pieces within the bound is served.
+    reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+    await asyncio.sleep(0.5)
+    for piece in (b"GET /ok HTTP/1.1\r\n", b"Host: x\r\n", b"X-Tenant-Id: acme\r\n\r\n"):
+        writer.write(piece)
+        await asyncio.sleep(0.05)
+    line = await asyncio.wait_for(reader.readline(), 5)
+    assert line.startswith(b"HTTP/1.1 200"), line
+    writer.close()
+
+
+async def test_a_stalled_request_body_gets_408_and_the_upstream_connection_is_dropped(
+    backends: Backends, flag_file: Path, start_router: StartRouter, client: aiohttp.ClientSession
+) -> None:
+    router = await start_router(
+        router_settings(
+            backends.url("legacy"), backends.url("new"), flag_file,
+            server__client_body_timeout=0.3,
+        )
+    )  # fmt: skip
+    reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+    writer.write(
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nX-Tenant-Id: acme\r\nContent-Length: 1000\r\n\r\n"
+        + b"x" * 10
+    )
+    raw = await asyncio.wait_for(reader.read(), 5)
+    assert raw.startswith(b"HTTP/1.1 408"), raw[:100]
+    assert b'"error": "client_timeout"' in raw
+    writer.close()
+    pool = router.app.pools["legacy"]
+    assert pool.active_count == 0 and pool.idle_count == 0  # half a request: not reused
+    async with client.post(f"{router.url}/echo", headers={"X-Tenant-Id": "acme"}, data=b"ok") as r:
+        assert r.status == 200
