@@ -104,6 +104,35 @@ MALFORMED = {
         HEAD + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", 400, "bad_request"
     ),
     "header-without-colon": (b"GET / HTTP/1.1\r\nHost: a\r\nNoColon\r\n\r\n", 400, "bad_request"),
+    # Ambiguous framing and header syntax (RFC 9112): 400 and close, never forwarded.
+    "chunked-not-final": (
+        HEAD + b"Transfer-Encoding: chunked, identity\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        400, "bad_request",
+    ),
+    "chunked-obfuscated": (
+        HEAD + b"Transfer-Encoding: xchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        400, "bad_request",
+    ),
+    "transfer-encoding-twice": (
+        HEAD + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n",
+        400, "bad_request",
+    ),
+    "http10-with-chunked": (
+        b"POST /x HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\n\r\n",
+        400, "bad_request",
+    ),
+    "bad-chunk-extension": (
+        HEAD + b"Transfer-Encoding: chunked\r\n\r\n5;a\"b\r\nhello\r\n0\r\n\r\n",
+        400, "bad_request",
+    ),
+    "space-before-colon": (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400, "bad_request"),
+    "obs-fold": (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\r\n c\r\n\r\n", 400, "bad_request"),
+    "bare-cr-in-header": (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\rc\r\n\r\n", 400, "bad_request"),
+    "nul-in-header": (b"GET / HTTP/1.1\r\nHost: a\r\nX-A: b\x00c\r\n\r\n", 400, "bad_request"),
+    "missing-host": (b"GET / HTTP/1.1\r\nX-A: b\r\n\r\n", 400, "bad_request"),
+    "duplicate-host": (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "bad_request"),
     # 414 uri_too_long: the request line over server.max_request_line
     "long-target": (b"GET /" + b"a" * 600 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414, "uri_too_long"),
     "long-target-with-url-in-it": (
