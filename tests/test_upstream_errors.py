@@ -243,6 +243,10 @@ BAD_HEADS = {
     "status-below-100": b"HTTP/1.1 099 Odd\r\nContent-Length: 0\r\n\r\n",
     "status-above-599": b"HTTP/1.1 600 Odd\r\nContent-Length: 0\r\n\r\n",
     "bare-lf": b"HTTP/1.1 200 OK\nContent-Length: 0\n\n",
+    "obs-fold": b"HTTP/1.1 200 OK\r\nX-A: b\r\n c\r\nContent-Length: 0\r\n\r\n",
+    "content-length-twice-equal": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc"
+    ),
     "header-without-colon": b"HTTP/1.1 200 OK\r\nBad Name: x\r\nContent-Length: 0\r\n\r\n",
     "switching-protocols": b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n",
     "too-many-headers": b"HTTP/1.1 200 OK\r\n"
