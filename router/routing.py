@@ -131,15 +131,21 @@ class LedgerView:
     async def start(self) -> None:
         if self.ledger is not None:
             await self.ledger.start()
-            await self.refresh()
+            await self._read()
 
     async def close(self) -> None:
         if self.ledger is not None:
             await self.ledger.close()
 
     async def refresh(self) -> None:
-        if self.ledger is None:
+        if self.ledger is None or not self.loaded:
+            # Not started yet (a flag event can arrive while start() opens the ledger):
+            # start() reads the whole ledger itself.
             return
+        await self._read()
+
+    async def _read(self) -> None:
+        assert self.ledger is not None
         stored = await self.ledger.tenants()
         # Entries being written now stay: the store may not show them yet.
         self.tenants = stored | {t for t, f in self._pending.items() if f.done()}
