@@ -728,7 +728,7 @@ def test_locustfile_rotates_tenants_and_passes_through_the_router(
         metrics = router.admin("/metrics").body.decode()
     assert status == 0 and totals["requests"] > 0 and totals["failures"] == 0, totals
     # Only tenant-0001 and tenant-0003 are on new: both sides answered, so the users did
-    # rotate over the tenants.
+    # spread their requests over the tenants (Zipf: tenant-0000 is the busiest).
     answered: dict[str, float] = {}
     for labels, value in re.findall(r"^router_requests_total\{([^}]*)\} (\S+)$", metrics, re.M):
         target = re.search(r'target="(\w+)"', labels)
