@@ -159,18 +159,24 @@ class ProxyHandler:
     def reject(self, error: RouterError, client: str | None) -> web.Response:
         """Answer a request that never reached __call__ (aiohttp refused to parse it) with
         the same JSON body, a request id, and a record phase like every other local reply."""
-        request_id = self._request_ids.next()
-        self._metrics.local_reply("-", error.status)
-        self._access_log.record(
-            request_id, None, "none", "none", "-", "-", error.status, 0, 0, 0.0, None,
-            error.code, client,
-        )  # fmt: skip
+        request_id = self._record_refusal(error, "-", client)
         response = error_response(error, request_id)
         # Whatever follows on the connection cannot be trusted: close it, and say so
         # explicitly, as aiohttp's stand-in for an unparsed request is HTTP/1.0.
         response.force_close()
         response.headers["Connection"] = "close"
         return response
+
+    def _record_refusal(self, error: RouterError, path: str, client: str | None) -> str:
+        """The record phase of a reply made outside __call__ (no request was parsed, or
+        none arrived): metrics and an access-log line. Returns the reply's request id."""
+        request_id = self._request_ids.next()
+        self._metrics.local_reply("-", error.status)
+        self._access_log.record(
+            request_id, None, "none", "none", "-", path, error.status, 0, 0, 0.0, None,
+            error.code, client,
+        )  # fmt: skip
+        return request_id
 
     def _body_limit(self, path: str) -> int | None:
         """The body limit for this path: the first limits.body_limits match, else
@@ -191,12 +197,7 @@ class ProxyHandler:
     ) -> None:
         """Answer `error` on a connection with no request to answer (over the connection
         cap, or a head too slow to arrive), then close it; recorded like other replies."""
-        self._metrics.local_reply("-", error.status)
-        request_id = self._request_ids.next()
-        self._access_log.record(
-            request_id, None, "none", "none", "-", log_path, error.status, 0, 0, 0.0, None,
-            error.code, None,
-        )  # fmt: skip
+        request_id = self._record_refusal(error, log_path, None)
         body = json.dumps({"error": error.code, "detail": error.detail, "request_id": request_id})
         retry_after = f"Retry-After: {RETRY_AFTER_SECONDS}\r\n" if error.status == 503 else ""
         head = (
@@ -256,9 +257,9 @@ class ProxyHandler:
                 if not self._flags.ready or not self._ledger.loaded:
                     raise NotReady("no flag data yet" if self._ledger.loaded else "no ledger yet")
                 if self.active >= self._max_inflight or self._app.lagging:
-                    reason = "inflight" if self.active >= self._max_inflight else "loop_lag"
-                    self._metrics.shed_one(reason)
-                    reason = "none"
+                    self._metrics.shed_one(
+                        "inflight" if self.active >= self._max_inflight else "loop_lag"
+                    )
                     raise Overloaded("the router is overloaded; retry")
                 request_target, host = origin_form(request)
                 path = request_target.decode("latin-1")

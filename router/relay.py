@@ -55,6 +55,11 @@ _CHUNK_END: Final = b"0\r\n\r\n"
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
+def chunk_frame(data: bytes) -> bytes:
+    """One non-empty chunk of a chunked body (RFC 9112 7.1), in one buffer."""
+    return b"".join((b"%x\r\n" % len(data), data, b"\r\n"))
+
+
 def valid_request_id(value: str | None) -> bool:
     return value is not None and _REQUEST_ID.fullmatch(value) is not None
 
@@ -415,7 +420,7 @@ class Exchange:
             if limit is not None and self.bytes_in > limit:
                 raise BodyTooLarge(f"request body over the {limit}-byte limit")
             if chunked:
-                write(b"".join((b"%x\r\n" % len(chunk), chunk, b"\r\n")))
+                write(chunk_frame(chunk))
             else:
                 write(chunk)
             await conn.drain(timeout)
@@ -439,7 +444,7 @@ class Exchange:
         if body:
             self.bytes_out += len(body)
             if framing == CHUNKED:
-                body = b"".join((b"%x\r\n" % len(body), body, b"\r\n"))
+                body = chunk_frame(body)
         done = conn.body_complete
         if done and framing == CHUNKED:
             body += _CHUNK_END
@@ -453,7 +458,7 @@ class Exchange:
                     break
                 self.bytes_out += len(chunk)
                 if framing == CHUNKED:
-                    await write(b"".join((b"%x\r\n" % len(chunk), chunk, b"\r\n")))
+                    await write(chunk_frame(chunk))
                 else:
                     await write(chunk)
         except RouterError:
