@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -16,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from router.errors import AdminDisabled, BadRequest, RouterError, Unauthorized
 from router.metrics import merge, render
 from router.settings import TARGETS
+from router.shadow import merge_views
 from router.workers import ask_siblings
 
 if TYPE_CHECKING:
@@ -146,6 +148,78 @@ async def internal_inflight(request: web.Request) -> web.Response:
     return web.json_response(_inflight_view(_router(request)))
 
 
+# ---- shadow traffic (shadow.py) ---------------------------------------------------------
+
+DEFAULT_SHADOW_LIMIT = 50
+
+
+def _shadow_query(request: web.Request) -> tuple[str | None, int]:
+    """?tenant= (optional, validated) and ?limit= (recent mismatches, 0..1000)."""
+    tenant_id = request.query.get("tenant")
+    if tenant_id is not None and not _router(request).identifier.is_valid(tenant_id):
+        raise BadRequest("invalid tenant id")
+    text = request.query.get("limit", str(DEFAULT_SHADOW_LIMIT))
+    if not text.isdigit() or int(text) > 1000:
+        raise BadRequest(f"limit must be an integer 0..1000, got {text[:20]!r}")
+    return tenant_id, int(text)
+
+
+def _shadow_view(app: RouterApp, tenant_id: str | None, limit: int) -> dict[str, Any]:
+    if app.shadower is None:
+        return {"tenants": {}, "recent": []}
+    return app.shadower.store.view(tenant_id, limit)
+
+
+async def shadow(request: web.Request) -> web.Response:
+    """Shadow comparisons (per tenant counts, recent mismatches), summed over every worker."""
+    app = _router(request)
+    try:
+        tenant_id, limit = _shadow_query(request)
+    except BadRequest as exc:
+        return _error(exc)
+    query = f"?limit={limit}" + (f"&tenant={quote(tenant_id, safe='')}" if tenant_id else "")
+    answers, missing = await ask_siblings(app.worker, f"/internal/shadow{query}")
+    merged = merge_views([_shadow_view(app, tenant_id, limit), *answers.values()], limit)
+    body = {
+        "enabled": app.shadower is not None,
+        **merged,
+        "workers": {"answered": 1 + len(answers), "missing": len(missing)},
+    }
+    return web.json_response(body, status=200 if not missing else 503)
+
+
+async def shadow_reset(request: web.Request) -> web.Response:
+    """Forget a tenant's shadow counts, mismatches and learned noise, in every worker (an
+    SRE starts counting afresh once new has been fixed)."""
+    app = _router(request)
+    tenant_id = request.match_info["tenant"]
+    if not app.identifier.is_valid(tenant_id):
+        return _error(BadRequest("invalid tenant id"))
+    if app.shadower is not None:
+        app.shadower.store.reset(tenant_id)
+    answers, missing = await ask_siblings(
+        app.worker, f"/internal/shadow/{quote(tenant_id, safe='')}", method="DELETE"
+    )
+    body = {
+        "tenant": tenant_id,
+        "reset": not missing,
+        "workers": {"answered": 1 + len(answers), "missing": len(missing)},
+    }
+    return web.json_response(body, status=200 if not missing else 503)
+
+
+async def internal_shadow(request: web.Request) -> web.Response:
+    tenant_id, limit = _shadow_query(request)
+    return web.json_response(_shadow_view(_router(request), tenant_id, limit))
+
+
+async def internal_shadow_reset(request: web.Request) -> web.Response:
+    app = _router(request)
+    if app.shadower is not None:
+        app.shadower.store.reset(request.match_info["tenant"])
+    return web.json_response({"reset": True})
+
+
 def build_admin_app(router_app: RouterApp) -> web.Application:
     app = web.Application(middlewares=[require_token])
     app[ROUTER_APP] = router_app
@@ -154,6 +228,8 @@ def build_admin_app(router_app: RouterApp) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/tenants/{tenant}", tenant)
     app.router.add_get("/admin/inflight", inflight)
+    app.router.add_get("/admin/shadow", shadow)
+    app.router.add_delete("/admin/shadow/{tenant}", shadow_reset)
     return app
 
 
@@ -166,4 +242,6 @@ def build_internal_app(router_app: RouterApp) -> web.Application:
     app.router.add_get("/internal/readiness", internal_readiness)
     app.router.add_get("/internal/tenants/{tenant}", internal_tenant)
     app.router.add_get("/internal/inflight", internal_inflight)
+    app.router.add_get("/internal/shadow", internal_shadow)
+    app.router.add_delete("/internal/shadow/{tenant}", internal_shadow_reset)
     return app

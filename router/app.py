@@ -55,6 +55,7 @@ from router.relay import (
 )
 from router.routing import Decider, LedgerView, Route, compile_path_patterns
 from router.settings import TARGETS, HeaderExtractor, Settings
+from router.shadow import SAFE_METHODS, Shadower, ShadowJob, ShadowPolicy, shadow_pools
 from router.tenant import TenantIdentifier
 from router.upstream import UpstreamPool
 from router.workers import WorkerInfo
@@ -129,6 +130,7 @@ class ProxyHandler:
         "_pools",
         "_request_ids",
         "_rules",
+        "_shadow",
         "active",
     )
 
@@ -153,6 +155,7 @@ class ProxyHandler:
         self._body_limits = compile_path_patterns(
             [(rule.pattern, rule.max_bytes) for rule in limits.body_limits]
         )
+        self._shadow = app.shadower
         self._app = app
         self.active = 0  # requests being proxied now (overload protection)
 
@@ -250,6 +253,7 @@ class ProxyHandler:
         exchange: Exchange | None = None
         pool: UpstreamPool | None = None
         upstream_start = 0.0
+        shadow: ShadowJob | None = None
         try:
             try:
                 if method == "CONNECT":
@@ -293,6 +297,19 @@ class ProxyHandler:
                     counts[target] += 1
                 # Phase 3: forward
                 has_body = request.body_exists
+                if (
+                    route.shadow_rate
+                    and method in SAFE_METHODS
+                    and not has_body
+                    and self._shadow is not None
+                    and tenant is not None
+                ):
+                    # A copy for new, in the background (shadow.py): GET/HEAD only, sampled,
+                    # dropped rather than queued when full; the client's answer is legacy's.
+                    shadow = self._shadow.offer(
+                        route.shadow_rate, tenant, method, path, request, request_target, host,
+                        request_id, client,
+                    )  # fmt: skip
                 chunked = has_body and request.content_length is None
                 body_limit = None
                 if has_body:
@@ -319,7 +336,14 @@ class ProxyHandler:
                     version.minor if version.major == 1 else 1,
                     request.keep_alive,
                 )
-                await exchange.relay(request, response_head, framing, pool.read_timeout)
+                if shadow is None:
+                    await exchange.relay(request, response_head, framing, pool.read_timeout)
+                else:
+                    shadow.legacy_head(upstream)
+                    await exchange.relay(
+                        request, response_head, framing, pool.read_timeout, shadow.digest.feed
+                    )
+                    shadow.legacy_done(clock() - upstream_start)
                 return RELAYED_KEEP_ALIVE if keep_alive else RELAYED_CLOSE
             except RouterError as exc:
                 error = exc.code
@@ -345,6 +369,8 @@ class ProxyHandler:
             # Phase 5: record, always.
             if exchange is not None and pool is not None:
                 exchange.finish(pool)
+            if shadow is not None:
+                shadow.abandon()  # no-op once legacy_done() gave it the whole answer
             now = clock()
             bytes_in = exchange.bytes_in if exchange is not None else 0
             bytes_out = exchange.bytes_out if exchange is not None else 0
@@ -532,7 +558,19 @@ class RouterApp:
         self.flags = FlagSource(settings.flags, self.loop)
         self.ledger = LedgerView(open_ledger(settings.ledger), self.loop)
         self.verifier = OverrideVerifier(settings.override_secret, settings.routing.override_window)
-        self.decider = Decider(settings, self.flags, self.ledger, self.verifier)
+        shadow = settings.shadow
+        self.shadow_policy: ShadowPolicy | None = None
+        if shadow.enabled:
+            self.shadow_policy = ShadowPolicy(shadow, self.flags.evaluate)
+            if shadow.flag_key is not None:
+                self.flags.watch(shadow.flag_key)
+        self.decider = Decider(
+            settings,
+            self.flags,
+            self.ledger,
+            self.verifier,
+            self.shadow_policy.rate if self.shadow_policy is not None else None,
+        )
         # tenant -> requests being proxied now, per side (cutover waits for legacy's to end)
         self.tenant_inflight: dict[str, dict[str, int]] = {}
         self.pools: dict[str, UpstreamPool] = {
@@ -543,6 +581,17 @@ class RouterApp:
             e.name for e in settings.tenant.extractors if isinstance(e, HeaderExtractor)
         )
         self.header_rules = HeaderRules(tenant_headers, settings.server.trusted_hops)
+        self.shadower: Shadower | None = None
+        if shadow.enabled:
+            self.shadower = Shadower(
+                shadow,
+                shadow_pools(shadow, settings.upstreams, self.loop),
+                self.header_rules,
+                self.metrics,
+                self.loop,
+            )
+            shadower = self.shadower
+            self.metrics.shadow_pending = lambda: (shadower.active, shadower.queued)
         self.access_log = AccessLog(
             self.loop,
             settings.access_log.sample_rate,
@@ -606,6 +655,8 @@ class RouterApp:
     async def close(self) -> None:
         if self._lag_monitor is not None:
             self._lag_monitor.cancel()
+        if self.shadower is not None:
+            await self.shadower.close()
         for pool in self.pools.values():
             await pool.close()
         await self.flags.close()

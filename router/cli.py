@@ -96,6 +96,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         )
         ledgered = "yes: new for good" if result["ledgered"] else "no"
         print(f"ledgered  {ledgered}  ({result['ledger']})")
+        if result["shadow_rate"]:
+            print(f"shadow    {result['shadow_rate']:.2%} of GET/HEAD requests copied to new")
     return 1 if "error" in result else 0
 
 
@@ -118,7 +120,11 @@ async def _explain(settings: Settings, tenant: str) -> dict[str, Any]:
         await flags.start(wait=max(settings.flags.start_wait, 1.0))
         if not flags.ready:
             return {"tenant": tenant, "error": "flag data could not be loaded"}
-        route = Decider(settings, flags, ledger).evaluate(tenant)
+        from router.shadow import ShadowPolicy
+
+        shadow = ShadowPolicy(settings.shadow, flags.evaluate) if settings.shadow.enabled else None
+        decider = Decider(settings, flags, ledger, shadow_rate=shadow.rate if shadow else None)
+        route = decider.evaluate(tenant)
         upstream = getattr(settings.upstreams, route.target, settings.upstreams.legacy)
         source = str(settings.flags.file) if settings.flags.source == "file" else "launchdarkly"
         return {
@@ -132,6 +138,8 @@ async def _explain(settings: Settings, tenant: str) -> dict[str, Any]:
             "flag_source": source,
             "ledgered": tenant in ledger.tenants,
             "ledger": ledger.ledger.url if ledger.ledger is not None else None,
+            # Fraction of its GET/HEAD requests copied to new for comparison (shadow.py).
+            "shadow_rate": route.shadow_rate,
         }
     finally:
         await flags.close()
@@ -209,10 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# router tenants ... (ledger), router sign (test routing), router cutover / migrate.
+# router tenants ... (ledger), router sign (test routing), router cutover / migrate,
+# router shadow ... (shadow traffic report, reset).
 COMMAND_MODULES: tuple[str, ...] = tuple(
     name
-    for name in ("router.cli_tenants", "router.cli_sign", "router.cli_cutover")
+    for name in (
+        "router.cli_tenants",
+        "router.cli_sign",
+        "router.cli_cutover",
+        "router.cli_shadow",
+    )
     if importlib.util.find_spec(name) is not None
 )
 

@@ -3,9 +3,16 @@
     router cutover TENANT (--flags-file F | --ld-project P --ld-environment E)
                    --admin URL [--admin URL ...] [--json] [--drain-timeout S]
                    [--replication-check CMD_OR_URL] [--max-lag S] [--resume-hold]
+                   [--require-shadow-match R [--min-samples N]]
     router migrate --tenants FILE (--flags-file F | --ld-project P --ld-environment E)
                    --admin URL [--admin URL ...] [--concurrency N] [--rate PER_MIN]
                    [--journal PATH] [--wave-size N] [--dry-run]
+                   [--require-shadow-match R [--min-samples N]]
+
+--require-shadow-match R (0 < R <= 1, e.g. 0.999) gates each tenant on shadow traffic: the
+preflight refuses (nothing changed) unless the routers compared at least --min-samples of
+its requests (default 100, summed over every --admin router) and matched/compared >= R.
+`router shadow report TENANT` shows the figures. A tenant already on new is not gated.
 
 Secrets come from the environment, never from arguments (argv is visible to every user of
 the machine): ROUTER_ADMIN_TOKEN (the routers' admin token), LAUNCHDARKLY_API_TOKEN (a
@@ -36,6 +43,7 @@ from router.cutover import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_MAX_LAG,
     DEFAULT_REPLICATION_TIMEOUT,
+    DEFAULT_SHADOW_MIN_SAMPLES,
     DEFAULT_VERIFY_TIMEOUT,
     CutoverResult,
     Step,
@@ -124,6 +132,18 @@ def _count(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a fraction in (0, 1], e.g. 0.999 for 99.9 %; got {text}"
+        )
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     source = p.add_argument_group("flag (one of)")
     source.add_argument("--flags-file", type=Path, help="the routers' flag file")
@@ -189,6 +209,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         default=0.05,
         metavar="S",
         help="interval between polls of the routers (default 0.05)",
+    )
+    gate = p.add_argument_group("shadow gate (router shadow report TENANT shows the figures)")
+    gate.add_argument(
+        "--require-shadow-match",
+        type=_fraction,
+        metavar="R",
+        help="refuse to cut a tenant over (nothing changed) unless its shadow match rate, "
+        "summed over every router, is at least R (0 < R <= 1, e.g. 0.999)",
+    )
+    gate.add_argument(
+        "--min-samples",
+        type=_count,
+        metavar="N",
+        help="with --require-shadow-match: refuse unless at least N shadow comparisons "
+        f"(default {DEFAULT_SHADOW_MIN_SAMPLES})",
     )
 
 
@@ -269,7 +304,13 @@ def _admin_token() -> str:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    return {
+    """cutover()'s keyword options; a UsageError for a bad combination (call it before
+    anything happens)."""
+    if args.min_samples is not None and args.require_shadow_match is None:
+        raise UsageError(
+            "--min-samples only applies with --require-shadow-match R (the shadow gate)"
+        )
+    options: dict[str, Any] = {
         "drain_timeout": args.drain_timeout,
         "poll": args.poll,
         "replication_check": args.replication_check,
@@ -277,6 +318,10 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         "max_lag": args.max_lag,
         "verify_timeout": args.verify_timeout,
     }
+    if args.require_shadow_match is not None:
+        options["shadow_match"] = args.require_shadow_match
+        options["shadow_min_samples"] = args.min_samples or DEFAULT_SHADOW_MIN_SAMPLES
+    return options
 
 
 def _usage(command: str, func: Callable[[argparse.Namespace], int]) -> Any:
@@ -294,6 +339,7 @@ def _usage(command: str, func: Callable[[argparse.Namespace], int]) -> Any:
 
 
 def cmd_cutover(args: argparse.Namespace) -> int:
+    _options(args)  # a bad combination: exit 2 before anything happens
     writer = _writer(args)
     admins = _admins(args)
     token = _admin_token()
@@ -373,6 +419,7 @@ def _result_line(result: CutoverResult, check: str, cross: str) -> str:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    _options(args)  # a bad combination: exit 2 before anything happens
     entries, warnings = read_tenants(args.tenants)
     journal_path = args.journal or Path(f"{args.tenants}.journal")
     states, journal_warnings = Journal.load(journal_path)

@@ -8,7 +8,9 @@ Steps, each reported through `on_step` as it ends (name, ok, elapsed ms, detail)
   preflight    every router's admin port answers and accepts the token; the flag serves
                `legacy` (already `new`: nothing to do; `hold`: a cutover died midway, refused
                unless resume_hold); every router routes the tenant to legacy and has never
-               served it from new (not ledgered); the replication check, if any, is caught up
+               served it from new (not ledgered); the replication check, if any, is caught
+               up; with shadow_match, the shadow gate: enough shadow comparisons summed
+               over every router, and a match rate at least shadow_match
   hold         flag -> hold: routers hold the tenant's new requests (up to their hold_timeout,
                20 s by default) while requests already on legacy finish
   drain        every router reports `hold` as the tenant's target AND zero legacy requests in
@@ -36,6 +38,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from decimal import Decimal
 from typing import Any, Final, Literal
 from urllib.parse import quote
 
@@ -182,24 +185,9 @@ class Routers:
             return RouterView(admin, error=f"unreachable ({type(exc).__name__}: {text})")
         body = _json(response)
         code = body.get("error") if isinstance(body, dict) else None
-        if response.status_code == 401:
-            return RouterView(
-                admin,
-                error="unauthorized: ROUTER_ADMIN_TOKEN is not this router's admin token",
-                fatal=True,
-            )
-        if response.status_code == 403 and code == "admin_disabled":
-            return RouterView(
-                admin,
-                error="admin routes are disabled on this router (it has no ROUTER_ADMIN_TOKEN)",
-                fatal=True,
-            )
-        if response.status_code == 404:
-            return RouterView(
-                admin,
-                error="no /admin/tenants endpoint here (is this a router's admin port?)",
-                fatal=True,
-            )
+        refusal = _refusal(response, body, "/admin/tenants")
+        if refusal is not None:
+            return RouterView(admin, error=refusal, fatal=True)
         if response.status_code == 200 and isinstance(body, dict) and "target" in body:
             return RouterView(admin, state=body)
         if response.status_code == 503 and isinstance(body, dict) and "workers" in body:
@@ -213,6 +201,82 @@ class Routers:
     async def poll(self, tenant: str) -> list[RouterView]:
         return list(await asyncio.gather(*(self.view(a, tenant) for a in self.admins)))
 
+    async def shadow(self, admin: str, tenant: str, limit: int) -> ShadowView:
+        """One router's `GET /admin/shadow?tenant=T&limit=N`."""
+        params = {"tenant": tenant, "limit": str(limit)}
+        return await self._shadow_call("GET", f"{admin}/admin/shadow", admin, params)
+
+    async def shadow_all(self, tenant: str, limit: int) -> list[ShadowView]:
+        return list(await asyncio.gather(*(self.shadow(a, tenant, limit) for a in self.admins)))
+
+    async def reset_shadow(self, admin: str, tenant: str) -> ShadowView:
+        """One router's `DELETE /admin/shadow/{tenant}`: forget the tenant's shadow counts,
+        mismatches and learned noise."""
+        url = f"{admin}/admin/shadow/{quote(tenant, safe='')}"
+        return await self._shadow_call("DELETE", url, admin, None)
+
+    async def _shadow_call(
+        self, method: str, url: str, admin: str, params: dict[str, str] | None
+    ) -> ShadowView:
+        try:
+            response = await self.client.request(
+                method, url, params=params, headers=self.headers, timeout=ADMIN_TIMEOUT
+            )
+        except httpx.HTTPError as exc:
+            text = str(exc) or type(exc).__name__
+            return ShadowView(admin, error=f"unreachable ({type(exc).__name__}: {text})")
+        body = _json(response)
+        refusal = _refusal(
+            response, body, "/admin/shadow", "a router version without shadow traffic?"
+        )
+        if refusal is not None:
+            return ShadowView(admin, error=refusal, fatal=True)
+        status = response.status_code
+        if status in (200, 503) and isinstance(body, dict):
+            if method == "DELETE":
+                shaped = "reset" in body or "workers" in body
+            else:
+                shaped = isinstance(body.get("tenants"), dict)
+            if status == 200 and shaped and (method != "DELETE" or body.get("reset") is True):
+                return ShadowView(admin, body=body)
+            if status == 503 and shaped:
+                workers = body.get("workers")
+                missing = workers.get("missing") if isinstance(workers, dict) else None
+                what = "figures are partial"
+                if method == "DELETE":
+                    what = "a worker that did not answer keeps its counts"
+                return ShadowView(
+                    admin,
+                    body=body,
+                    error=f"{missing if missing is not None else 'some'} worker process(es) "
+                    f"did not answer (HTTP 503): {what}",
+                )
+        code = body.get("error") if isinstance(body, dict) else None
+        detail = (body.get("detail") or code) if isinstance(body, dict) else None
+        return ShadowView(
+            admin,
+            error=f"HTTP {status}: {detail or response.text[:200]!r}",
+            bad_request=status == 400,
+        )
+
+
+def _refusal(
+    response: httpx.Response,
+    body: Any,
+    endpoint: str,
+    hint: str = "is this a router's admin port?",
+) -> str | None:
+    """Why a router's admin port refused us for good (asking again will not help), or
+    None: a wrong token, admin routes disabled, no such endpoint."""
+    code = body.get("error") if isinstance(body, dict) else None
+    if response.status_code == 401:
+        return "unauthorized: ROUTER_ADMIN_TOKEN is not this router's admin token"
+    if response.status_code == 403 and code == "admin_disabled":
+        return "admin routes are disabled on this router (it has no ROUTER_ADMIN_TOKEN)"
+    if response.status_code == 404:
+        return f"no {endpoint} endpoint here ({hint})"
+    return None
+
 
 def _json(response: httpx.Response) -> Any:
     try:
@@ -223,6 +287,189 @@ def _json(response: httpx.Response) -> Any:
 
 def _summary(views: list[RouterView]) -> str:
     return "; ".join(v.describe() for v in views)
+
+
+# ---- shadow traffic (GET /admin/shadow) ---------------------------------------------------
+
+SHADOW_COUNTERS: Final = (
+    "shadowed",
+    "compared",
+    "matched",
+    "mismatched",
+    "noisy",
+    "incomplete",
+    "dropped",
+)
+MISMATCH_KINDS: Final = ("status", "header", "body", "error")
+DEFAULT_SHADOW_MIN_SAMPLES: Final = 100
+
+
+@dataclass
+class ShadowView:
+    """What one router's /admin/shadow said (or why it said nothing). On a 503 (a worker
+    process did not answer) both `body` (the other workers' figures) and `error` are set."""
+
+    url: str
+    body: dict[str, Any] | None = None
+    error: str | None = None
+    fatal: bool = False  # asking again will not help (wrong token, admin disabled, no endpoint)
+    bad_request: bool = False  # 400: the router rejected the request (an invalid tenant id)
+
+    @property
+    def ok(self) -> bool:
+        return self.body is not None and self.error is None
+
+    @property
+    def enabled(self) -> bool:
+        return bool((self.body or {}).get("enabled"))
+
+    def stats(self, tenant: str) -> dict[str, Any]:
+        tenants = (self.body or {}).get("tenants")
+        entry = tenants.get(tenant) if isinstance(tenants, dict) else None
+        return entry if isinstance(entry, dict) else {}
+
+    def recent(self, tenant: str) -> list[dict[str, Any]]:
+        recent = (self.body or {}).get("recent")
+        if not isinstance(recent, list):
+            return []
+        return [r for r in recent if isinstance(r, dict) and r.get("tenant", tenant) == tenant]
+
+    def describe(self) -> str:
+        return f"{self.url}: {self.error}" if self.error else f"{self.url}: ok"
+
+
+def _count_of(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _time_of(value: Any) -> float | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+@dataclass
+class ShadowTotals:
+    """One tenant's shadow figures summed over routers (the ones with a body: a 503's
+    partial figures count). `match_rate` is recomputed from the sums."""
+
+    tenant: str
+    counts: dict[str, int]
+    mismatch_kinds: dict[str, int]
+    noise_headers: list[str]
+    noise_json_paths: list[str]
+    first_at: float | None
+    last_at: float | None
+    recent: list[dict[str, Any]]  # newest first, each with "router": its admin URL
+    routers: list[ShadowView]
+
+    @classmethod
+    def merge(cls, tenant: str, views: list[ShadowView], limit: int) -> ShadowTotals:
+        counts = dict.fromkeys(SHADOW_COUNTERS, 0)
+        kinds = dict.fromkeys(MISMATCH_KINDS, 0)
+        headers: set[str] = set()
+        paths: set[str] = set()
+        firsts: list[float] = []
+        lasts: list[float] = []
+        recent: list[dict[str, Any]] = []
+        for view in views:
+            if view.body is None:
+                continue
+            stats = view.stats(tenant)
+            for name in SHADOW_COUNTERS:
+                counts[name] += _count_of(stats.get(name))
+            by_kind = stats.get("mismatch_kinds")
+            if isinstance(by_kind, dict):
+                for kind, n in by_kind.items():
+                    kinds[str(kind)] = kinds.get(str(kind), 0) + _count_of(n)
+            noise = stats.get("noise")
+            if isinstance(noise, dict):
+                for names, into in (
+                    (noise.get("headers"), headers),
+                    (noise.get("json_paths"), paths),
+                ):
+                    if isinstance(names, list):
+                        into.update(str(n) for n in names)
+            if (first := _time_of(stats.get("first_at"))) is not None:
+                firsts.append(first)
+            if (last := _time_of(stats.get("last_at"))) is not None:
+                lasts.append(last)
+            recent.extend({**entry, "router": view.url} for entry in view.recent(tenant))
+        recent.sort(key=lambda e: _time_of(e.get("at")) or 0.0, reverse=True)
+        return cls(
+            tenant=tenant,
+            counts=counts,
+            mismatch_kinds=kinds,
+            noise_headers=sorted(headers),
+            noise_json_paths=sorted(paths),
+            first_at=min(firsts, default=None),
+            last_at=max(lasts, default=None),
+            recent=recent[: max(0, limit)],
+            routers=views,
+        )
+
+    @property
+    def compared(self) -> int:
+        return self.counts["compared"]
+
+    @property
+    def matched(self) -> int:
+        return self.counts["matched"]
+
+    @property
+    def match_rate(self) -> float | None:
+        return self.matched / self.compared if self.compared else None
+
+    @property
+    def complete(self) -> bool:
+        """Every router answered in full."""
+        return all(v.ok for v in self.routers)
+
+    def kinds_text(self) -> str:
+        """'status 3, body 16': the kinds with mismatches, or 'none by kind'."""
+        parts = [f"{kind} {n}" for kind, n in self.mismatch_kinds.items() if n]
+        return ", ".join(parts) or "none by kind"
+
+    def to_json(self) -> dict[str, Any]:
+        rate = self.match_rate
+        return {
+            "tenant": self.tenant,
+            "complete": self.complete,
+            "enabled": any(v.enabled for v in self.routers),
+            **self.counts,
+            "mismatch_kinds": self.mismatch_kinds,
+            "match_rate": None if rate is None else round(rate, 6),
+            "noise": {"headers": self.noise_headers, "json_paths": self.noise_json_paths},
+            "first_at": self.first_at,
+            "last_at": self.last_at,
+            "recent": self.recent,
+            "routers": [
+                {
+                    "admin": v.url,
+                    "ok": v.ok,
+                    "enabled": v.enabled,
+                    "error": v.error,
+                    "workers": (v.body or {}).get("workers"),
+                }
+                for v in self.routers
+            ],
+        }
+
+
+def format_rate(part: int, whole: int, decimals: int = 2) -> str:
+    """part/whole as a percentage, rounded DOWN: 99999 of 100000 is 99.99, never 100.00."""
+    scaled = part * 100 * 10**decimals // whole
+    whole_part, fraction = divmod(scaled, 10**decimals)
+    return f"{whole_part}.{fraction:0{decimals}d}" if decimals else str(whole_part)
+
+
+def _below(matched: int, compared: int, required: float) -> tuple[str, str]:
+    """(rate, required) as percentages: required exactly as given (0.99995 is 99.995, not
+    a rounded 100.00), the rate rounded down to as many decimals, so the two differ."""
+    wanted = Decimal(repr(required)) * 100
+    exponent = wanted.normalize().as_tuple().exponent
+    decimals = min(6, max(2, -exponent if isinstance(exponent, int) else 2))
+    return format_rate(matched, compared, decimals), f"{wanted:.{decimals}f}"
 
 
 # ---- replication check ------------------------------------------------------------------
@@ -338,6 +585,8 @@ async def cutover(
     max_lag: float = DEFAULT_MAX_LAG,
     verify_timeout: float = DEFAULT_VERIFY_TIMEOUT,
     resume_hold: bool = False,
+    shadow_match: float | None = None,
+    shadow_min_samples: int = DEFAULT_SHADOW_MIN_SAMPLES,
     on_step: StepCallback | None = None,
     client: httpx.AsyncClient | None = None,
     abort: asyncio.Event | None = None,
@@ -345,11 +594,19 @@ async def cutover(
     """Move `tenant` to new (module docstring); never raises for an operational failure:
     the result says what happened (`ok`, `outcome`, `reason`, `advice`).
 
+    `shadow_match` (0 < R <= 1): the shadow gate. The preflight refuses unless the routers'
+    shadow traffic compared at least `shadow_min_samples` of the tenant's requests, summed
+    over routers, and matched/compared >= R (see _shadow_gate).
+
     `abort` (the CLI sets it on SIGINT): before the flag says new, stop and roll back;
     from then on it is ignored (going back is no longer safe), so the cutover finishes.
     """
     if not admins:
         raise ValueError("at least one router admin URL is needed")
+    if shadow_match is not None and not 0 < shadow_match <= 1:
+        raise ValueError(f"shadow_match must be in (0, 1], got {shadow_match!r}")
+    if shadow_min_samples < 1:
+        raise ValueError(f"shadow_min_samples must be >= 1, got {shadow_min_samples!r}")
     async with contextlib.AsyncExitStack() as stack:
         if client is None:
             client = await stack.enter_async_context(httpx.AsyncClient())
@@ -369,6 +626,8 @@ async def cutover(
             max_lag=max_lag,
             verify_timeout=verify_timeout,
             resume_hold=resume_hold,
+            shadow_match=shadow_match,
+            shadow_min_samples=shadow_min_samples,
         )
         return await plan.execute()
     raise AssertionError("unreachable")  # pragma: no cover (mypy: the with may swallow)
@@ -392,6 +651,8 @@ class _Plan:
         max_lag: float,
         verify_timeout: float,
         resume_hold: bool,
+        shadow_match: float | None = None,
+        shadow_min_samples: int = DEFAULT_SHADOW_MIN_SAMPLES,
     ) -> None:
         self.run = run
         self.tenant = run.tenant
@@ -408,6 +669,8 @@ class _Plan:
         self.max_lag = max_lag
         self.verify_timeout = verify_timeout
         self.resume_hold = resume_hold
+        self.shadow_match = shadow_match
+        self.shadow_min_samples = shadow_min_samples
         self.drained_at = 0.0
 
     async def execute(self) -> CutoverResult:
@@ -524,9 +787,18 @@ class _Plan:
                     "it may be thrown away, clear the ledger with the rollback command first."
                 ),
             )
+        shadow = None
+        if self.shadow_match is not None:
+            if flag == "legacy":
+                shadow = await self._shadow_gate(self.shadow_match)
+            else:  # resuming from hold: the tenant's requests are held; refusing would
+                # leave them so (the gate was for starting the cutover)
+                shadow = "shadow gate not applied (resuming from hold)"
         # The routers may not have seen the latest flag yet (propagation): wait for them.
         agreed = await self._wait_for_target(flag, self.verify_timeout, abortable=True)
         parts = [f"{n} router(s) reachable and authorised", f"flag {flag}", agreed]
+        if shadow is not None:
+            parts.append(shadow)
         if self.replication_check:
             ok, detail = await check_replication(
                 self.replication_check,
@@ -539,6 +811,46 @@ class _Plan:
                 raise _Failed(f"replication not caught up: {detail}")
             parts.append(f"replication {detail}")
         return flag, "; ".join(parts)
+
+    async def _shadow_gate(self, required: float) -> str:
+        """Refuse (nothing changed) unless new has matched legacy often enough: the
+        tenant's shadow comparisons summed over every router are at least
+        shadow_min_samples, and matched/compared >= `required`. Every router must answer
+        in full: a missing one could hold the mismatches."""
+        tenant = self.tenant
+        report = f"`router shadow report {tenant} --admin URL ...`"
+        views = await self.routers.shadow_all(tenant, 5)
+        bad = [v for v in views if not v.ok]
+        if bad:
+            raise _Failed(
+                "shadow gate: no full shadow report from every router: "
+                + "; ".join(v.describe() for v in bad),
+                advice=f"Nothing was changed. {report} shows what each router answers; "
+                "retry once every router (and every worker process) answers.",
+            )
+        totals = ShadowTotals.merge(tenant, views, 0)
+        need = self.shadow_min_samples
+        if totals.compared < need:
+            noun = "comparison" if totals.compared == 1 else "comparisons"
+            reason = f"only {totals.compared} shadow {noun} for {tenant} (need {need})"
+            off = [v.url for v in views if not v.enabled]
+            if off:
+                reason += f"; shadow traffic is not enabled on {', '.join(off)}"
+            raise _Failed(
+                reason,
+                advice=f"Nothing was changed. Let shadow traffic run longer for {tenant} "
+                f"(or lower --min-samples); {report} shows the counts.",
+            )
+        if totals.matched / totals.compared < required:
+            rate, wanted = _below(totals.matched, totals.compared, required)
+            raise _Failed(
+                f"shadow match rate {rate} % is below the required {wanted} % "
+                f"({totals.matched} of {totals.compared} matched); mismatches: "
+                f"{totals.kinds_text()}",
+                advice=f"Nothing was changed. See the mismatches with {report}; once new is "
+                f"fixed, `router shadow reset {tenant}` starts counting afresh.",
+            )
+        return f"shadow {format_rate(totals.matched, totals.compared)} % of {totals.compared}"
 
     async def _write(self, value: str) -> None:
         try:

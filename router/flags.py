@@ -53,6 +53,9 @@ class FlagSource:
     def __init__(self, settings: FlagSettings, loop: asyncio.AbstractEventLoop) -> None:
         self.settings = settings
         self.flag_key = settings.flag_key
+        # Flags whose change events reach the callbacks: the routing flag, and any other
+        # flag a decision depends on (shadow.flag_key: `watch`).
+        self._watched = {settings.flag_key}
         self._loop = loop
         self._client: Any = None  # ldclient.LDClient once started
         self._ready = False
@@ -169,18 +172,26 @@ class FlagSource:
     def add_ready_callback(self, callback: ChangeCallback) -> None:
         self._on_ready.append(callback)
 
+    def watch(self, flag_key: str) -> None:
+        """Also call the change callbacks when `flag_key` changes (decisions read it)."""
+        self._watched.add(flag_key)
+
     def variation(self, tenant: str, default: str) -> Any:
         """Evaluate the routing flag for a tenant context (in-memory, on the loop)."""
+        return self.evaluate(self.flag_key, tenant, default)
+
+    def evaluate(self, flag_key: str, tenant: str, default: Any) -> Any:
+        """Evaluate any flag for a tenant context (in-memory, on the loop)."""
         client = self._client
         if client is None:
             return default
         context = Context.builder(tenant).kind("tenant").build()
-        return client.variation(self.flag_key, context, default)
+        return client.variation(flag_key, context, default)
 
     # ---- SDK threads -> loop -----------------------------------------------------------
 
     def _flag_changed_threadsafe(self, change: Any) -> None:
-        if change.key == self.flag_key:
+        if change.key in self._watched:
             self._call_soon(self._flag_changed)
 
     def _status_changed_threadsafe(self, status: DataSourceStatus) -> None:

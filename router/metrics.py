@@ -84,12 +84,29 @@ FAMILIES: Final[dict[str, tuple[str, str, tuple[str, ...]]]] = {
     "router_workers": (
         "gauge", "Worker processes this scrape's figures include (answered) or lack (missing).",
         ("state",)),
+    "router_shadow_requests_total": (
+        "counter", "Copies of legacy requests sent to new (shadow traffic).", ()),
+    "router_shadow_comparisons_total": (
+        "counter", "Shadow copies by outcome (matched, mismatched; noisy or incomplete: no "
+        "verdict).", ("result",)),
+    "router_shadow_mismatches_total": (
+        "counter", "Shadow mismatches by what differed (status, header, body, error); one "
+        "comparison may count several kinds.", ("kind",)),
+    "router_shadow_dropped_total": (
+        "counter", "Shadow copies not sent, by reason (queue_full, stale, closing).",
+        ("reason",)),
+    "router_shadow_duration_seconds": (
+        "histogram", "Shadowed requests: each side's time to a complete answer.", ("side",)),
+    "router_shadow_pending": (
+        "gauge", "Shadow copies being sent (active) or waiting for a slot (queued).",
+        ("state",)),
 }  # fmt: skip
 _MIN_GAUGES: Final = frozenset({"router_flag_source_ready"})
 _MAX_GAUGES: Final = frozenset({"router_event_loop_lag_seconds"})
 _BUCKETS: Final = {
     "router_request_duration_seconds": LATENCY_BUCKETS,
     "router_upstream_connect_duration_seconds": CONNECT_BUCKETS,
+    "router_shadow_duration_seconds": LATENCY_BUCKETS,
 }
 
 # snapshot(): {"counters"|"gauges": {name: [[labels, value], ...]},
@@ -135,6 +152,13 @@ class Metrics:
         # Read at scrape time (set by RouterApp): flag readiness and pool sizes.
         self.flag_ready: Callable[[], bool] = lambda: False
         self.pool_sizes: Callable[[], Iterable[tuple[str, int, int]]] = lambda: ()
+        # Shadow traffic (shadow.py); pending is read at scrape time: (active, queued).
+        self.shadow_requests = 0
+        self.shadow_results: dict[str, int] = {}
+        self.shadow_mismatches: dict[str, int] = {}
+        self.shadow_drops: dict[str, int] = {}
+        self.shadow_durations = {side: Histogram(LATENCY_BUCKETS) for side in ("legacy", "new")}
+        self.shadow_pending: Callable[[], tuple[int, int]] = lambda: (0, 0)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(RouterCollector(self.snapshot))
 
@@ -202,6 +226,20 @@ class Metrics:
     def flag_updated(self) -> None:
         self.flag_updates += 1
 
+    # ---- shadow traffic (sampled copies, off the client's path) ------------------------
+
+    def shadow_compared(self, result: str) -> None:
+        self.shadow_results[result] = self.shadow_results.get(result, 0) + 1
+
+    def shadow_mismatch(self, kind: str) -> None:
+        self.shadow_mismatches[kind] = self.shadow_mismatches.get(kind, 0) + 1
+
+    def shadow_dropped(self, reason: str) -> None:
+        self.shadow_drops[reason] = self.shadow_drops.get(reason, 0) + 1
+
+    def shadow_duration(self, side: str, seconds: float) -> None:
+        self.shadow_durations[side].observe(seconds)
+
     # ---- scrape ------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
@@ -221,7 +259,12 @@ class Metrics:
                 [[r], v] for r, v in self.override_rejections.items()
             ],
             "router_shed_requests_total": [[[r], v] for r, v in self.shed.items()],
+            "router_shadow_requests_total": [[[], self.shadow_requests]],
+            "router_shadow_comparisons_total": [[[r], v] for r, v in self.shadow_results.items()],
+            "router_shadow_mismatches_total": [[[k], v] for k, v in self.shadow_mismatches.items()],
+            "router_shadow_dropped_total": [[[r], v] for r, v in self.shadow_drops.items()],
         }
+        active, queued = self.shadow_pending()
         pools: list[Any] = []
         for target, idle, active in self.pool_sizes():
             pools.append([[target, "idle"], idle])
@@ -233,6 +276,7 @@ class Metrics:
             "router_held_requests": [[[], self.held()]],
             "router_workers": [[["answered"], 1]],
             "router_event_loop_lag_seconds": [[[], self.loop_lag]],
+            "router_shadow_pending": [[["active"], active], [["queued"], queued]],
         }
         histograms: dict[str, list[Any]] = {
             "router_request_duration_seconds": [
@@ -241,6 +285,11 @@ class Metrics:
             "router_upstream_connect_duration_seconds": [
                 [[t], list(h.counts), h.sum]
                 for t, h in self.connect_duration.items()
+                if any(h.counts)
+            ],
+            "router_shadow_duration_seconds": [
+                [[side], list(h.counts), h.sum]
+                for side, h in self.shadow_durations.items()
                 if any(h.counts)
             ],
         }

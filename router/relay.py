@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Final
 
@@ -428,10 +429,16 @@ class Exchange:
             write(_CHUNK_END)
 
     async def relay(
-        self, request: web.BaseRequest, head: bytes, framing: int, read_timeout: float
+        self,
+        request: web.BaseRequest,
+        head: bytes,
+        framing: int,
+        read_timeout: float,
+        tap: Callable[[bytes], None] | None = None,
     ) -> None:
         """Write the response head, then stream the body; on upstream failure, abort the
-        client connection (a truncated body must not look complete)."""
+        client connection (a truncated body must not look complete). `tap` sees every
+        body piece as relayed (shadow.py's digest of legacy's answer)."""
         conn = self.conn
         assert conn is not None
         write = request.writer.write
@@ -443,6 +450,8 @@ class Exchange:
         body = conn.take_buffered()
         if body:
             self.bytes_out += len(body)
+            if tap is not None:
+                tap(body)
             if framing == CHUNKED:
                 body = chunk_frame(body)
         done = conn.body_complete
@@ -457,6 +466,8 @@ class Exchange:
                 if not chunk:
                     break
                 self.bytes_out += len(chunk)
+                if tap is not None:
+                    tap(chunk)
                 if framing == CHUNKED:
                     await write(chunk_frame(chunk))
                 else:

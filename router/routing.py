@@ -51,13 +51,17 @@ VARIATIONS: Final = ("legacy", "hold", "new")
 
 
 class Route:
-    """An immutable (target, reason) pair; instances are interned, never built per request."""
+    """An immutable (target, reason) pair; instances are interned, never built per request.
 
-    __slots__ = ("header_bytes", "header_value", "reason", "target")
+    `shadow_rate`: the fraction of this tenant's safe requests copied to new (shadow.py);
+    non-zero only on a legacy route chosen by the flag (`shadowed_route`)."""
 
-    def __init__(self, target: Decision, reason: Reason) -> None:
+    __slots__ = ("header_bytes", "header_value", "reason", "shadow_rate", "target")
+
+    def __init__(self, target: Decision, reason: Reason, shadow_rate: float = 0.0) -> None:
         self.target: Decision = target
         self.reason: Reason = reason
+        self.shadow_rate = shadow_rate
         self.header_value = f"{target}; reason={reason}"  # X-Routed-To, when enabled
         self.header_bytes = self.header_value.encode("ascii")
 
@@ -70,6 +74,19 @@ ROUTES: Final[dict[tuple[Decision, Reason], Route]] = {
     for target in ("legacy", "new", "hold")
     for reason in ("flag", "ratchet", "override", "no-tenant", "pinned-path", "default")
 }
+
+
+_SHADOWED: dict[float, Route] = {}
+
+
+def shadowed_route(rate: float) -> Route:
+    """The flag's legacy route, with requests copied to new at `rate` (interned per rate)."""
+    route = _SHADOWED.get(rate)
+    if route is None:
+        route = Route("legacy", "flag", rate)
+        if len(_SHADOWED) < 1000:  # rates come from flag values: bounded all the same
+            _SHADOWED[rate] = route
+    return route
 
 
 def compile_path_patterns(pairs: Sequence[tuple[str, T]]) -> Callable[[str], T | None] | None:
@@ -242,6 +259,7 @@ class Decider:
         "_flags",
         "_no_tenant",
         "_pinned",
+        "_shadow_rate",
         "_verifier",
         "cache_clears",
         "holds",
@@ -256,8 +274,11 @@ class Decider:
         flags: FlagSource,
         ledger: LedgerView | None = None,
         verifier: OverrideVerifier | None = None,
+        shadow_rate: Callable[[str], float] | None = None,
     ) -> None:
         self._flags = flags
+        # Tenant -> fraction of its legacy requests copied to new (shadow.ShadowPolicy).
+        self._shadow_rate = shadow_rate
         self._cache: dict[str, Route] = {}
         self._cache_size = settings.flags.decision_cache_size
         self._no_tenant = ROUTES[(settings.tenant.default_target, "no-tenant")]
@@ -338,6 +359,10 @@ class Decider:
                     extra={"tenant": tenant, "flag_value": value},
                 )
                 return ROUTES[("new", "ratchet")]
+            if value == "legacy" and self._shadow_rate is not None:
+                rate = self._shadow_rate(tenant)
+                if rate > 0:
+                    return shadowed_route(rate)
             return ROUTES[(value, "flag")]
         log.warning(
             "unknown flag variation; routing to legacy",

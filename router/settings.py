@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -329,6 +329,102 @@ class AccessLogSettings(_Frozen):
     sample_rate: float = Field(default=1.0, ge=0, le=1)
 
 
+class ShadowSettings(_Frozen):
+    """Shadow traffic (shadow.py): copies of a sample of a tenant's safe requests that legacy
+    serves are sent to new in the background, and the two answers compared.
+
+    Only GET and HEAD without a body are ever copied, and only for requests the tenant's
+    flag sends to legacy (not test overrides, pinned paths or ratchet decisions). The
+    client's answer always comes from legacy; the copy never delays it, and is dropped
+    (counted) rather than queued when max_concurrency and max_queue are full.
+    """
+
+    # Tenants shadowed: a list (each at sample_rate) or a mapping tenant -> its own rate
+    # (a list is read as a mapping to null: sample_rate).
+    tenants: dict[str, Annotated[float, Field(ge=0, le=1)] | None] = Field(default_factory=dict)
+    # Fraction of a shadowed tenant's eligible requests that are copied.
+    sample_rate: float = Field(default=0.01, ge=0, le=1)
+    # A LaunchDarkly flag evaluated per tenant (same flag source as the routing flag):
+    # true -> sample_rate, a number -> that rate, false/0/absent -> not shadowed. Checked
+    # after `tenants`, which wins. null: only `tenants` decides.
+    flag_key: str | None = None
+    # Copies being sent at once, per worker, and copies waiting for a free slot; beyond
+    # both, a copy is dropped (router_shadow_dropped_total{reason="queue_full"}).
+    max_concurrency: int = Field(default=16, ge=1, le=1024)
+    max_queue: int = Field(default=64, ge=0, le=100_000)
+    # Seconds a copy may take (connect, response head, each body read), and the longest a
+    # queued copy may wait before it is dropped as stale (its legacy answer is that old).
+    timeout: PositiveSeconds = 10.0
+    # Paths never copied (routing.pinned_paths syntax): GET endpoints with side effects.
+    exclude_paths: list[str] = Field(default_factory=list)
+    # Response fields compared (case-insensitive). Date, Server, ids... differ by nature.
+    compare_headers: list[str] = Field(
+        default_factory=lambda: ["content-type", "content-encoding", "location", "cache-control"]
+    )
+    # JSON bodies: object keys ignored at any depth ("updated_at"), or paths from the
+    # root ("$.meta.generated_at", "$.items[*].etag"). Other bodies compare byte for byte.
+    ignore_json_keys: list[str] = Field(default_factory=list)
+    # Bodies up to this size are kept for the comparison (and the JSON diff); larger ones
+    # are compared by a streaming hash only, never held whole in memory.
+    max_compare_bytes: int = Field(default=64 * 1024, ge=0, le=16 * 1024 * 1024)
+    # Diffy's noise filter: send each copy to legacy a second time too; fields that differ
+    # between two legacy answers are noise for that tenant and ignored from then on.
+    # It doubles the copies' load on legacy.
+    noise_filter: bool = False
+    # Recent mismatches kept per tenant (GET /admin/shadow), and tenants tracked per worker.
+    recent_mismatches: int = Field(default=20, ge=1, le=1000)
+    max_tenants: int = Field(default=1000, ge=1, le=100_000)
+
+    @field_validator("tenants", mode="before")
+    @classmethod
+    def _list_as_mapping(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not all(isinstance(t, str) and t for t in v):
+                raise ValueError("expected tenant ids (strings), or a mapping tenant: rate")
+            return dict.fromkeys(v)
+        return v
+
+    @field_validator("exclude_paths")
+    @classmethod
+    def _absolute(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            if not pattern.startswith("/"):
+                raise ValueError(f"must start with '/', got {pattern!r}")
+        return v
+
+    @field_validator("compare_headers")
+    @classmethod
+    def _header_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not is_token(name):
+                raise ValueError(f"not a valid header name: {name!r}")
+        return [name.lower() for name in v]
+
+    @field_validator("ignore_json_keys")
+    @classmethod
+    def _paths(cls, v: list[str]) -> list[str]:
+        for key in v:
+            if not key:
+                raise ValueError("an empty key")
+            if key.startswith("$") and not _JSON_PATH.fullmatch(key):
+                raise ValueError(f"not a path like $.a.b[*].c: {key!r}")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tenants) or self.flag_key is not None
+
+    def rate_for_listed(self, tenant: str) -> float | None:
+        """The configured rate for a tenant in `tenants` (None: not listed)."""
+        if tenant not in self.tenants:
+            return None
+        rate = self.tenants[tenant]
+        return self.sample_rate if rate is None else rate
+
+
+_JSON_PATH: Final = re.compile(r"\$(\.[^.\[\]]+|\[(\*|\d+)\])*")
+
+
 class Settings(_Frozen):
     server: ServerSettings = Field(default_factory=ServerSettings)
     tenant: TenantSettings = Field(default_factory=TenantSettings)
@@ -337,6 +433,7 @@ class Settings(_Frozen):
     access_log: AccessLogSettings = Field(default_factory=AccessLogSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    shadow: ShadowSettings = Field(default_factory=ShadowSettings)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # The ratchet ledger (ledger.py): sqlite:///path (one router) or redis://host:port/db
     # (a fleet: every instance must see the same ledger).

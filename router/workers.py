@@ -60,8 +60,10 @@ class WorkerInfo:
         return [i for i in range(self.count) if i != self.worker_id]
 
 
-async def ask_siblings(worker: WorkerInfo | None, path: str) -> tuple[dict[int, Any], list[int]]:
-    """GET `path` (JSON) from every sibling's private admin socket, concurrently.
+async def ask_siblings(
+    worker: WorkerInfo | None, path: str, method: str = "GET"
+) -> tuple[dict[int, Any], list[int]]:
+    """`method` `path` (JSON) on every sibling's private admin socket, concurrently.
 
     Returns ({worker id: decoded body}, [ids that did not answer]).
     """
@@ -73,7 +75,7 @@ async def ask_siblings(worker: WorkerInfo | None, path: str) -> tuple[dict[int, 
         timeout = aiohttp.ClientTimeout(total=SIBLING_TIMEOUT)
         async with (
             aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-            session.get(f"http://worker{path}") as response,
+            session.request(method, f"http://worker{path}") as response,
         ):
             response.raise_for_status()
             return await response.json()

@@ -34,6 +34,12 @@ METRIC_KINDS: Final[dict[str, Kind]] = {
     "router_shed_requests_total": "counter",  # reason (connections, inflight, loop_lag)
     "router_event_loop_lag_seconds": "gauge",
     "router_workers": "gauge",  # state (answered/missing): workers a scrape's figures cover
+    "router_shadow_requests_total": "counter",
+    "router_shadow_comparisons_total": "counter",  # result (matched/mismatched/noisy/incomplete)
+    "router_shadow_mismatches_total": "counter",  # kind (status/header/body/error)
+    "router_shadow_dropped_total": "counter",  # reason (queue_full/stale/closing)
+    "router_shadow_duration_seconds": "histogram",  # side (legacy/new)
+    "router_shadow_pending": "gauge",  # state (active/queued)
 }
 
 EXPORTED_METRICS: Final[frozenset[str]] = frozenset(METRIC_KINDS)

@@ -62,6 +62,11 @@ def config(tmp_path: Path, flag_file: Path) -> Path:
 # ---- bad configuration: exit 2, for serve and check-config --------------------------
 
 BAD_CONFIGS = {
+    "shadow-rate-over-1": (
+        lambda t: t.update(shadow={"tenants": {"acme": 1.5}}),
+        "shadow.tenants.acme",
+        "less than or equal to 1",
+    ),
     "ftp-upstream": (
         lambda t: t["upstreams"]["legacy"].update(url="ftp://x"),
         "upstreams.legacy.url",
@@ -198,7 +203,20 @@ def test_explain_json(config: Path, flag_file: Path) -> None:
         "flag_source": str(flag_file),
         "ledgered": False,
         "ledger": config_ledger(config),
+        "shadow_rate": 0.0,
     }
+
+
+def test_explain_shows_a_shadowed_tenants_rate(tmp_path: Path, flag_file: Path) -> None:
+    tree = config_tree()
+    tree["shadow"] = {"tenants": {"acme": 0.05}}
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    result = run_router("explain", "acme", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "shadow    5.00% of GET/HEAD requests copied to new" in result.stdout
+    result = run_router("explain", "initech", "--json", "--config", str(path))
+    assert json.loads(result.stdout)["shadow_rate"] == 0.0
 
 
 @pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["text", "json"])

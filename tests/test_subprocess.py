@@ -386,16 +386,21 @@ def _metric(text: str, name: str, labels: str = "") -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def _worker_requests(socket_path: Path) -> float:
-    """Requests one worker counted itself, asked on its private admin socket."""
+def _unix_get(socket_path: Path, path: str) -> Any:
+    """GET a JSON body from one worker's private admin socket."""
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(5)
         sock.connect(str(socket_path))
-        sock.sendall(b"GET /internal/snapshot HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n")
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: w\r\nConnection: close\r\n\r\n".encode())
         raw = b""
         while chunk := sock.recv(65536):
             raw += chunk
-    snapshot = json.loads(raw.partition(b"\r\n\r\n")[2])
+    return json.loads(raw.partition(b"\r\n\r\n")[2])
+
+
+def _worker_requests(socket_path: Path) -> float:
+    """Requests one worker counted itself, asked on its private admin socket."""
+    snapshot = _unix_get(socket_path, "/internal/snapshot")
     return float(sum(v for _labels, v in snapshot["counters"]["router_requests_total"]))
 
 
@@ -595,3 +600,82 @@ def test_a_restarted_router_keeps_refusing_with_its_sqlite_ledger(
     assert _routed(restarted, "globex") == "new; reason=ratchet"
     assert side(restarted.get("/", tenant="globex")) == "new"
     assert _routed(restarted, "acme") == "legacy; reason=flag"
+
+
+def test_workers_sum_their_shadow_comparisons(
+    procs: Procs, backends: tuple[Backend, Backend], tmp_path: Path, flag_file: Path
+) -> None:
+    """`GET /admin/shadow` on the shared admin port is the whole task's: each worker
+    compares the copies of the requests it served, the answering worker adds its
+    siblings' counts, and a reset reaches every worker. The demo backends answer with
+    their side's name, so every copy of acme's requests is a body mismatch."""
+    server = {
+        "listen": f"127.0.0.1:{free_port()}",
+        "admin_listen": f"127.0.0.1:{free_port()}",
+        "drain_delay": 0.2,
+    }
+    legacy, new = backends
+    config = write_config(
+        tmp_path / "router.yaml",
+        legacy,
+        new,
+        flag_file,
+        server=server,
+        shadow={"tenants": ["acme"], "sample_rate": 1.0},
+    )
+    tree = yaml.safe_load(config.read_text())
+    tree["admin_token"] = "shadow-token"
+    config.write_text(yaml.safe_dump(tree, sort_keys=False))
+    router = procs.router(config, "--workers", "2")
+    workers = wait_until(lambda: len(children(router.pid)) == 2 and children(router.pid), 10)
+    wait_until(lambda: router.admin("/readyz").status == 200, 15)
+    token = {"Authorization": "Bearer shadow-token"}
+    sent = 40
+    for _ in range(sent):  # fresh connections: the kernel spreads them over both workers
+        assert side(router.get("/orders", tenant="acme")) == "legacy"
+    side(router.get("/orders", tenant="globex"))  # on new: never copied
+
+    def view() -> Any:
+        response = request(router.admin_port, "/admin/shadow?tenant=acme", headers=token)
+        assert response.status == 200, response.body[:300]
+        return response.json()
+
+    body = wait_until(lambda: (v := view())["tenants"]["acme"]["compared"] == sent and v, 10)
+    acme = body["tenants"]["acme"]
+    assert body["workers"] == {"answered": 2, "missing": 0}
+    assert (acme["shadowed"], acme["mismatched"], acme["mismatch_kinds"]["body"]) == (
+        sent,
+        sent,
+        sent,
+    )
+    assert acme["match_rate"] == 0.0
+    # Both workers compared some: otherwise the sum above would not show a sum.
+    environ = dict(
+        e.split("=", 1)
+        for e in Path(f"/proc/{workers[0]}/environ").read_text().split("\0")
+        if "=" in e
+    )
+    directory = Path(environ["ROUTER_WORKER_DIR"])
+    per_worker = [
+        _unix_get(directory / f"worker-{i}.sock", "/internal/shadow?tenant=acme")["tenants"]
+        for i in (0, 1)
+    ]
+    assert all(t["acme"]["compared"] > 0 for t in per_worker), per_worker
+    assert any('$.side: "legacy" != "new"' in line for line in body["recent"][0]["body"]["diff"])
+    assert list(body["tenants"]) == ["acme"]
+    # What an SRE types: the same figures, as a report.
+    admin = f"http://127.0.0.1:{router.admin_port}"
+    env = {"ROUTER_ADMIN_TOKEN": "shadow-token"}
+    report = run_router("shadow", "report", "acme", "--admin", admin, env=env)
+    assert report.returncode == 0, report.stderr
+    assert f"0.00 % (0 of {sent} compared)" in report.stdout, report.stdout
+    assert '$.side: "legacy" != "new"' in report.stdout
+    text = router.admin("/metrics").body.decode()
+    assert _metric(text, "router_shadow_requests_total") == sent
+    assert _metric(text, "router_shadow_mismatches_total", '{kind="body"}') == sent
+    reset = request(router.admin_port, "/admin/shadow/acme", method="DELETE", headers=token)
+    assert reset.status == 200 and reset.json()["reset"] is True
+    for _ in range(4):  # whichever worker answers, none remembers acme
+        assert view()["tenants"] == {}
+    reset = run_router("shadow", "reset", "acme", "--admin", admin, env=env)
+    assert reset.returncode == 0, reset.stderr
