@@ -41,7 +41,8 @@ HOP_BY_HOP: Final = frozenset(
 # X-Forwarded-For) and rewritten.
 _ROUTER_OWNED_REQUEST: Final = frozenset(
     {b"host", b"content-length", b"expect", b"x-forwarded-for", b"x-forwarded-proto",
-     b"x-forwarded-host", b"x-request-id", b"x-router-target", b"x-router-signature"}
+     b"x-forwarded-host", b"x-request-id", b"x-router-target", b"x-router-signature",
+     b"x-router-shadow"}
 )  # fmt: skip
 _DROP_REQUEST: Final = HOP_BY_HOP | _ROUTER_OWNED_REQUEST
 _DROP_RESPONSE: Final = HOP_BY_HOP | {b"x-request-id", b"content-length"}

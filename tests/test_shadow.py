@@ -201,6 +201,13 @@ async def test_identical_answers_match_and_the_client_gets_legacys(
     assert sample(router, "router_shadow_comparisons_total", result="matched") == 10
     assert sample(router, "router_shadow_duration_seconds_count", side="new") == 10
     assert sample(router, "router_shadow_duration_seconds_count", side="legacy") == 10
+    # A client cannot pass its own request off as a copy (backends may treat copies as
+    # side-effect free): the field is the router's.
+    async with client.get(
+        router.url + "/write", headers={"X-Tenant-Id": "initech", "X-Router-Shadow": "new"}
+    ) as response:
+        assert response.status == 200
+    assert sides.legacy.requests[-1][:3] == ("GET", "/write", None)
 
 
 @pytest.mark.parametrize(
