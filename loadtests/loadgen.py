@@ -3,6 +3,8 @@
     python loadtests/loadgen.py rate   --port P --rate 1000 --duration 10 --tenants-file F
     python loadtests/loadgen.py stream --port P --direction up|down --bytes N [--tenant T]
     python loadtests/loadgen.py idle   --port P --count 10000 --tenants-file F
+    python loadtests/loadgen.py closed --port P --connections 64 --duration 8 [--method POST
+                                       --body N] --path /small --tenants-file F
 
 rate: open loop at a fixed rate (wrk keeps N requests in flight instead, which hides a
   stall: the requests it did not send while waiting are never measured, "coordinated
@@ -14,6 +16,11 @@ rate: open loop at a fixed rate (wrk keeps N requests in flight instead, which h
 stream: one request moving N bytes (upload: a POST body of N bytes whose sha256 the
   demo backend's answer must match; download: GET /__demo/bytes/N), blocking socket,
   1 MiB buffers; reports seconds and MB/s.
+closed: wrk's job, for machines without wrk: N keep-alive connections, each sending its
+  next request as soon as the previous answer is complete, for a fixed time; prints
+  wrk's figures under wrk's names (bench.py reads either). One Python process on one
+  core: it saturates near 80k req/s here, so a contender faster than that is measured
+  at the generator's speed, and its ratios are understated (bench.py says which it used).
 idle: opens COUNT keep-alive connections, each sends one GET and reads its answer, then
   they stay open and idle. Prints {"event": "opened", ...}, then waits for a line (or
   EOF) on stdin, reports how many are still open, closes them and exits.
@@ -318,6 +325,136 @@ async def run_rate(args: argparse.Namespace) -> dict[str, Any]:
     return await gen.run()
 
 
+# --- closed: wrk's closed loop, in Python -------------------------------------------------
+
+
+class ClosedConnection(asyncio.Protocol):
+    def __init__(self, gen: ClosedLoop) -> None:
+        self.gen = gen
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.sent = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.gen.send(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.gen.bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self.gen.errors["read_errors"] += 1
+            if self.transport is not None:
+                self.transport.abort()
+
+    def on_message_complete(self) -> None:
+        self.gen.completed(self, self.parser.get_status_code())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.gen.lost(self)
+
+
+class ClosedLoop:
+    """N connections, one request in flight on each, until the deadline."""
+
+    def __init__(self, args: argparse.Namespace, requests: list[bytes]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.args = args
+        self.requests = requests
+        self.index = 0
+        self.latency: list[float] = []
+        self.bytes = 0
+        self.status_errors = 0
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.deadline = 0.0
+        self.open = 0
+        self.done = self.loop.create_future()
+
+    def send(self, conn: ClosedConnection) -> None:
+        assert conn.transport is not None
+        request = self.requests[self.index]
+        self.index = (self.index + 1) % len(self.requests)
+        conn.sent = now()
+        conn.transport.write(request)
+
+    def completed(self, conn: ClosedConnection, status: int) -> None:
+        t = now()
+        self.latency.append(t - conn.sent)
+        if not 200 <= status < 400:
+            self.status_errors += 1
+        if t < self.deadline and conn.transport is not None:
+            self.send(conn)
+        elif conn.transport is not None:
+            conn.transport.close()
+
+    def lost(self, conn: ClosedConnection) -> None:
+        self.open -= 1
+        if now() < self.deadline and not self.done.done():
+            self.errors["connect_errors" if conn.sent == 0.0 else "read_errors"] += 1
+            self.loop.create_task(self._connect())
+        elif self.open <= 0 and not self.done.done():
+            self.done.set_result(None)
+
+    async def _connect(self) -> None:
+        try:
+            await self.loop.create_connection(
+                lambda: ClosedConnection(self), self.args.host, self.args.port
+            )
+            self.open += 1
+        except OSError:
+            self.errors["connect_errors"] += 1
+
+    async def run(self) -> dict[str, Any]:
+        started = now()
+        self.deadline = started + self.args.duration
+        await asyncio.gather(*(self._connect() for _ in range(self.args.connections)))
+        try:
+            await asyncio.wait_for(asyncio.shield(self.done), self.args.duration + 10.0)
+        except TimeoutError:
+            self.errors["timeouts"] += self.open
+        elapsed = now() - started
+        us = {k: (v or 0.0) * 1000.0 for k, v in percentiles_ms(self.latency).items()}
+        return {
+            "generator": "loadgen.py closed (Python, uvloop, httptools)",
+            "requests": len(self.latency),
+            "duration_us": round(elapsed * 1e6),
+            "bytes": self.bytes,
+            "p50_us": us["p50"],
+            "p90_us": us["p90"],
+            "p99_us": us["p99"],
+            "p999_us": us["p999"],
+            "max_us": us["max"],
+            "mean_us": us["mean"],
+            "status_errors": self.status_errors,
+            "connect_errors": self.errors["connect_errors"],
+            "read_errors": self.errors["read_errors"],
+            "write_errors": 0,
+            "timeouts": self.errors["timeouts"],
+        }
+
+
+async def run_closed(args: argparse.Namespace) -> dict[str, Any]:
+    tenants = read_tenants(args.tenants_file)[: args.tenants_limit or None]
+    if args.body:
+        body = b"x" * args.body
+        requests = [
+            (
+                f"{args.method} {args.path} HTTP/1.1\r\nHost: {args.host}:{args.port}\r\n"
+                f"{TENANT_HEADER}: {t}\r\nContent-Length: {args.body}\r\n"
+                "User-Agent: bench-loadgen\r\n\r\n"
+            ).encode("latin-1")
+            + body
+            for t in tenants
+        ]
+    else:
+        requests = [get_request(args.host, args.port, args.path, t) for t in tenants]
+        if args.method != "GET":
+            requests = [r.replace(b"GET ", args.method.encode() + b" ", 1) for r in requests]
+    return await ClosedLoop(args, requests).run()
+
+
 # --- stream: one large upload or download -------------------------------------------------
 
 
@@ -523,8 +660,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     idle.add_argument("--path", default=PATH_SMALL)
     idle.add_argument("--tenants-file")
 
+    closed = sub.add_parser("closed")
+    common(closed)
+    closed.add_argument("--connections", type=int, default=64)
+    closed.add_argument("--duration", type=float, default=8.0)
+    closed.add_argument("--method", default="GET")
+    closed.add_argument("--path", default=PATH_SMALL)
+    closed.add_argument("--body", type=int, default=0, help="request body bytes")
+    closed.add_argument("--tenants-file")
+    closed.add_argument("--tenants-limit", type=int, default=0, help="use the first N")
+
     args = parser.parse_args(argv)
-    if args.mode == "rate":
+    if args.mode == "closed":
+        emit_json(uvloop.run(run_closed(args)))
+    elif args.mode == "rate":
         emit_json(uvloop.run(run_rate(args)))
     elif args.mode == "stream":
         emit_json(run_stream(args))
