@@ -227,25 +227,32 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _flag_key(args: argparse.Namespace) -> str:
-    """--flag-key, else flags.flag_key of the config file, else tenant-routing. Only the
-    one key is read (no full validation): the SRE's machine need not hold the routers'
-    upstream settings."""
-    if args.flag_key:
-        return str(args.flag_key)
+def _config_tree(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The config file as YAML, for the few keys the CLI reads (no full validation: the
+    SRE's machine need not hold the routers' upstream settings); None when none is named
+    (--config, ROUTER_CONFIG) and config/router.yaml is absent. A named file that cannot
+    be read is a usage error."""
     path = args.config or os.environ.get("ROUTER_CONFIG")
     if path is None and Path(DEFAULT_CONFIG).is_file():
         path = DEFAULT_CONFIG
     if path is None:
-        return DEFAULT_FLAG_KEY
+        return None
     try:
         tree = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
-        raise UsageError(f"{path}: cannot read the config for flags.flag_key: {exc}") from None
-    flags = tree.get("flags") if isinstance(tree, dict) else None
+        raise UsageError(f"{path}: cannot read the config: {exc}") from None
+    return tree if isinstance(tree, dict) else {}
+
+
+def _flag_key(args: argparse.Namespace) -> str:
+    """--flag-key, else flags.flag_key of the config file, else tenant-routing."""
+    if args.flag_key:
+        return str(args.flag_key)
+    tree = _config_tree(args)
+    flags = tree.get("flags") if tree is not None else None
     key = flags.get("flag_key") if isinstance(flags, dict) else None
     if key is not None and (not isinstance(key, str) or not key):
-        raise UsageError(f"{path}: flags.flag_key must be a non-empty string")
+        raise UsageError("the config's flags.flag_key must be a non-empty string")
     return key or DEFAULT_FLAG_KEY
 
 

@@ -34,13 +34,11 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import IO, Any
 
 import httpx
-import yaml
 
-from router.cli_cutover import UsageError, _admin_token, _admins, _count, _marks
+from router.cli_cutover import UsageError, _admin_token, _admins, _config_tree, _count, _marks
 from router.cutover import MISMATCH_KINDS, Routers, ShadowTotals, ShadowView, format_rate
 from router.settings import TenantSettings
 from router.tenant import TenantIdentifier
@@ -48,7 +46,6 @@ from router.tenant import TenantIdentifier
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-DEFAULT_CONFIG = "config/router.yaml"
 DEFAULT_ADMIN_PORT = 8081
 DEFAULT_LIMIT = 50
 MAX_DIFF_LINES = 20  # body diff lines shown per mismatch (--json has them all)
@@ -298,22 +295,6 @@ async def _ask(
     async with httpx.AsyncClient() as client:
         routers = Routers(client, admins, token)
         return list(await asyncio.gather(*(call(routers, a) for a in routers.admins)))
-
-
-def _config_tree(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The config file as YAML (no full validation: this machine need not hold the
-    routers' upstream settings), or None when none is named and config/router.yaml is
-    absent. A named one that cannot be read is a usage error."""
-    path = args.config or os.environ.get("ROUTER_CONFIG")
-    if path is None and Path(DEFAULT_CONFIG).is_file():
-        path = DEFAULT_CONFIG
-    if path is None:
-        return None
-    try:
-        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise UsageError(f"{path}: cannot read the config: {exc}") from None
-    return tree if isinstance(tree, dict) else {}
 
 
 def _section(tree: dict[str, Any] | None, name: str) -> dict[str, Any]:
