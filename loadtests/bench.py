@@ -10,6 +10,8 @@ A B C D ... for several rounds so drift hits them all alike; medians, then ratio
   router         `router serve`, 1 worker, 1,000-tenant flag file, metrics and access
                  log on (to a file), debug headers off
   peer           ../shared/peers/naive_aiohttp_proxy.py (aiohttp server + ClientSession)
+  bare_proxy     the router's forwarding core alone (aiohttp front, its upstream pool and
+                 relay) with none of its per-request features: what those features cost
   aiohttp_alone  aiohttp's low-level web.Server answering the same bodies itself: the
                  ceiling of any aiohttp front
   nginx          nginx proxy_pass with an upstream keepalive pool, 1 worker
@@ -66,7 +68,7 @@ HOST = "127.0.0.1"
 
 SCENARIOS = ("small", "64k", "post1m", "rate1000", "stream", "idle10k", "workers")
 THROUGHPUT_SCENARIOS = ("small", "64k", "post1m")
-CONTENDERS = ("direct", "router", "peer", "aiohttp_alone", "nginx")
+CONTENDERS = ("direct", "router", "peer", "bare_proxy", "aiohttp_alone", "nginx")
 TENANT_COUNT = 1000
 POST_TENANTS = 16  # wrk pre-builds one 1 MiB request per tenant: 16 of them, not 1,000
 MIB = 1024 * 1024
@@ -126,14 +128,21 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    ticks = 0
+def cpu_times(pids: Sequence[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds of these processes so far."""
+    user = system = 0
     for pid in pids:
         with contextlib.suppress(OSError, ValueError, IndexError):
             with open(f"/proc/{pid}/stat", encoding="ascii") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / os.sysconf("SC_CLK_TCK")
+            user += int(fields[11])  # utime
+            system += int(fields[12])  # stime
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    return sum(cpu_times(pids))
 
 
 def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0) -> int:
@@ -605,7 +614,7 @@ class Bench:
                 str(self.tenants_file), "--tenants-limit", str(POST_TENANTS if body else 0),
             ]  # fmt: skip
         watched = [p for proc in target.procs for p in descendants(proc.pid)]
-        cpu_before = cpu_seconds(watched)
+        user_before, system_before = cpu_times(watched)
         started = time.monotonic()
         done = subprocess.run(
             self.processes.argv(cores, argv),
@@ -616,7 +625,9 @@ class Bench:
             env=self.processes.env,
         )
         wall = time.monotonic() - started
-        cpu = cpu_seconds(watched) - cpu_before
+        user_after, system_after = cpu_times(watched)
+        user, system = user_after - user_before, system_after - system_before
+        cpu = user + system
         if self.generator == "wrk":
             line = next((x for x in done.stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
         else:
@@ -645,6 +656,16 @@ class Bench:
             "socket_errors": errors,
             "non_2xx": raw["status_errors"],
             "cpu_percent": round(100 * cpu / wall, 1) if target.procs else None,
+            # CPU per request, user and kernel: where a proxy's time goes (its syscalls
+            # are twice an origin's: a read and a write on each side).
+            "user_us_per_request": (
+                round(user / raw["requests"] * 1e6, 1) if target.procs and raw["requests"] else None
+            ),
+            "sys_us_per_request": (
+                round(system / raw["requests"] * 1e6, 1)
+                if target.procs and raw["requests"]
+                else None
+            ),
             "raw": raw,
         }
 
@@ -738,6 +759,16 @@ class Bench:
             targets["peer"] = Target("peer", port, [proc])
         else:
             log(f"peer not found at {PEER}: skipped")
+
+        port = free_port(self.ports)
+        proc = self.processes.start(
+            "bare_proxy",
+            [PY, str(HERE / "bare_proxy.py"), str(port), self.upstream_url],
+            self.pin("1"),
+            stderr=self.workdir / "bare-proxy.log",
+        )
+        wait_http(f"http://{HOST}:{port}{PATH_SMALL}", proc)
+        targets["bare_proxy"] = Target("bare_proxy", port, [proc])
 
         port = free_port(self.ports)
         proc = self.processes.start(
@@ -1083,6 +1114,8 @@ def summarize_wrk(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "max_ms": median([x["max_ms"] for x in runs]),
         "mb_per_s": median([x["mb_per_s"] for x in runs]),
         "cpu_percent": median([x["cpu_percent"] for x in runs]),
+        "user_us_per_request": median([x.get("user_us_per_request") for x in runs]),
+        "sys_us_per_request": median([x.get("sys_us_per_request") for x in runs]),
         "socket_errors": sum(x["socket_errors"] for x in runs),
         "non_2xx": sum(x["non_2xx"] for x in runs),
         "rps_per_round": [x["rps"] for x in runs],
@@ -1314,14 +1347,16 @@ def report(results: dict[str, Any]) -> str:
         )
         lines.append(
             f"  {'contender':<14} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}"
-            f" {'MB/s':>8} {'cpu':>5}  {'errors':<8} req/s per round"
+            f" {'MB/s':>8} {'cpu':>5} {'usr us':>6} {'sys us':>6}  {'errors':<8} req/s per round"
         )
         for name, s in data["median"].items():
             errors = s["socket_errors"] + s["non_2xx"]
             lines.append(
                 f"  {name:<14} {fmt_num(s['rps']):>9} {fmt_num(s['p50_ms'], '.2f'):>8}"
                 f" {fmt_num(s['p99_ms'], '.2f'):>8} {fmt_num(s['max_ms'], '.1f'):>8}"
-                f" {fmt_num(s['mb_per_s'], ',.1f'):>8} {fmt_pct(s['cpu_percent']):>5}  {errors:<8}"
+                f" {fmt_num(s['mb_per_s'], ',.1f'):>8} {fmt_pct(s['cpu_percent']):>5}"
+                f" {fmt_num(s.get('user_us_per_request'), '.1f'):>6}"
+                f" {fmt_num(s.get('sys_us_per_request'), '.1f'):>6}  {errors:<8}"
                 f" {' '.join(fmt_num(v) for v in s['rps_per_round'])}"
             )
         ratios = "  ".join(
