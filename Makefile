@@ -67,7 +67,7 @@ loadtest: $(STAMP)
 
 # The same in 60 s, 5 % of the tenants moved (part of `make test`).
 loadtest-smoke: $(STAMP)
-	timeout -k 10 150 $(BIN)/python loadtests/harness.py --duration 60 --move-share 0.05 --singles 6 $(LOADTEST_ARGS)
+	timeout -k 10 150 $(BIN)/python loadtests/harness.py --duration 60 --move-share 0.05 --singles 6 --shadow-rate 0.05 $(LOADTEST_ARGS)
 
 # Soak with faults (issue 7): steady load for SOAK_DURATION s, the legacy upstream killed
 # and restarted twice, the flag file invalid once; verdict in loadtests/results/soak-*/.

@@ -167,6 +167,15 @@ class Harness:
             },
             "ledger": f"sqlite:///{self.out / 'ledger.db'}",
         }
+        if self.args.shadow_rate > 0 and moved:
+            # Shadow the tenants about to move, as an SRE would before their cutovers, with
+            # the noise filter on (its legacy replays are exercised too). The verdict keeps
+            # the copies apart from the clients' requests and fails any unsafe copy.
+            config["shadow"] = {
+                "tenants": moved,
+                "sample_rate": self.args.shadow_rate,
+                "noise_filter": True,
+            }
         self.config = self.out / "router.yaml"
         self.config.write_text(yaml.safe_dump(config, sort_keys=False))
         # The access log (stdout) goes to its own file; the router's own logs (stderr) to
@@ -428,6 +437,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inject-latency-ms", type=float, default=0.0)
     p.add_argument("--inject-sides", nargs="+", default=["legacy", "new"])
     p.add_argument("--no-cutovers", action="store_true")
+    p.add_argument(
+        "--shadow-rate",
+        type=float,
+        default=0.0,
+        help="shadow the tenants to be moved at this sample rate (local stack; 0: off)",
+    )
     ext = p.add_argument_group("a deployed router (instead of the local stack)")
     ext.add_argument("--host", help="the router's proxy URL")
     ext.add_argument("--admin", action="append", default=[], help="a router's admin URL")

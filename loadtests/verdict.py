@@ -149,6 +149,30 @@ def judge(
         if not cut.ok
     )
 
+    # Shadow copies (router/shadow.py) are the router's own requests, not clients': they
+    # are judged apart. Only safe methods may ever be copied, and only to new (or replayed
+    # to legacy by the noise filter).
+    copies = [r for r in backend if r.get("shadow")]
+    backend = [r for r in backend if not r.get("shadow")]
+    unsafe = [r for r in copies if r.get("method") not in ("GET", "HEAD")]
+    if unsafe:
+        r = unsafe[0]
+        failures.append(
+            f"{len(unsafe)} shadow copies of unsafe requests, e.g. {r.get('method')} "
+            f"{r.get('path')} for tenant {r.get('tenant')} on {r.get('side')}"
+        )
+    misplaced = [
+        r
+        for r in copies
+        if (r.get("shadow"), r.get("side")) not in (("new", "new"), ("legacy-replay", "legacy"))
+    ]
+    if misplaced:
+        r = misplaced[0]
+        failures.append(
+            f"{len(misplaced)} shadow copies on the wrong side, e.g. {r.get('shadow')!r} "
+            f"recorded by {r.get('side')}"
+        )
+
     # 3. Each backend request on the side its tenant was on at that moment.
     moved = {c.tenant: c for c in cutovers if c.ok}
     start_new = set(initial_new)
@@ -265,6 +289,8 @@ def judge(
         "wrong_side_tenants": len(wrong),
         "requests_on_both_sides": len(both),
         "answered_but_unrecorded": len(lost),
+        "shadow_copies": len(copies),
+        "shadow_copies_unsafe": len(unsafe),
     }
     return {"ok": not failures, "failures": failures, "figures": figures}
 

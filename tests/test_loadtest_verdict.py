@@ -109,6 +109,26 @@ def test_a_request_recorded_on_both_sides_fails_naming_the_tenant() -> None:
     assert result["figures"]["requests_on_both_sides"] == 1
 
 
+def test_shadow_copies_are_judged_apart_and_only_safe_ones_pass() -> None:
+    client, backend, cutovers = _scenario()
+    # Copies of tenant-0002's (legacy) GETs on new, with the clients' sequence numbers,
+    # and a noise-filter replay on legacy: not wrong-side, not "both sides".
+    twin = next(r for r in backend if r["seq"] == "r-2")
+    backend.append({**twin, "side": "new", "shadow": "new", "method": "GET"})
+    backend.append({**twin, "side": "legacy", "shadow": "legacy-replay", "method": "GET"})
+    result = _judge(client, backend, cutovers)
+    assert result["ok"], result["failures"]
+    assert result["figures"]["shadow_copies"] == 2
+    # A copy of a write fails the verdict, as does a copy on the wrong side.
+    backend.append({**twin, "side": "new", "shadow": "new", "method": "POST", "path": "/x"})
+    backend.append({**twin, "side": "legacy", "shadow": "new", "method": "GET"})
+    result = _judge(client, backend, cutovers)
+    assert any("shadow copies of unsafe requests" in f and "POST /x" in f
+               for f in result["failures"]), result["failures"]  # fmt: skip
+    assert any("shadow copies on the wrong side" in f for f in result["failures"])
+    assert result["figures"]["shadow_copies_unsafe"] == 1
+
+
 def test_a_rate_shortfall_fails_naming_the_figures() -> None:
     client, backend, cutovers = _scenario()
     result = _judge(client, backend, cutovers, expected=120)  # sent 100 of 120: 83 %
