@@ -264,7 +264,7 @@ class Metrics:
             "router_shadow_mismatches_total": [[[k], v] for k, v in self.shadow_mismatches.items()],
             "router_shadow_dropped_total": [[[r], v] for r, v in self.shadow_drops.items()],
         }
-        active, queued = self.shadow_pending()
+        shadow_active, shadow_queued = self.shadow_pending()
         pools: list[Any] = []
         for target, idle, active in self.pool_sizes():
             pools.append([[target, "idle"], idle])
@@ -276,7 +276,7 @@ class Metrics:
             "router_held_requests": [[[], self.held()]],
             "router_workers": [[["answered"], 1]],
             "router_event_loop_lag_seconds": [[[], self.loop_lag]],
-            "router_shadow_pending": [[["active"], active], [["queued"], queued]],
+            "router_shadow_pending": [[["active"], shadow_active], [["queued"], shadow_queued]],
         }
         histograms: dict[str, list[Any]] = {
             "router_request_duration_seconds": [

@@ -21,6 +21,7 @@ from aiohttp import web
 from router.cutover import cutover
 from router.flagfile import read_flag_file, tenant_variation
 from router.flagwriters import FileFlagWriter
+from router.metrics import Metrics
 from router.shadow import (
     Answer,
     BodyDigest,
@@ -637,6 +638,14 @@ def test_noise_learning() -> None:
     assert noise.headers == {"etag"} and noise.json_paths == {"$.t", "$.items[*].id"}
     assert not noise.learn(answer(200, {}, b"x"), answer(500, {}, b"x"), nothing, nothing)
     assert not noise.learn(answer(200, {}, b"a"), answer(200, {}, b"b"), nothing, nothing)
+
+
+def test_shadow_pending_gauge_is_the_shadowers_not_a_pools() -> None:
+    metrics = Metrics()
+    metrics.shadow_pending = lambda: (3, 2)
+    metrics.pool_sizes = lambda: [("legacy", 1, 7), ("new", 0, 5)]
+    gauges = {tuple(k): v for k, v in metrics.snapshot()["gauges"]["router_shadow_pending"]}
+    assert gauges == {("active",): 3, ("queued",): 2}
 
 
 def test_merge_views_sums_and_recomputes() -> None:
