@@ -221,6 +221,14 @@ def json_diff(
     return out
 
 
+def split_ignores(entries: list[str]) -> tuple[frozenset[str], frozenset[str]]:
+    """shadow.ignore_json_keys as (key names, paths). Paths stay as written: `$.a[*].b`
+    matches every index (json_diff compares a path's generic form too), `$.a[0].b` only
+    the first."""
+    paths = frozenset(e for e in entries if e.startswith("$"))
+    return frozenset(entries) - paths, paths
+
+
 def _first_difference(a: bytes | bytearray, b: bytes | bytearray) -> int:
     for index, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
@@ -495,10 +503,7 @@ class Shadower:
         self._loop = loop
         self.store = ShadowStore(settings)
         self.compare_names = frozenset(settings.compare_headers)
-        self._ignore_keys = frozenset(k for k in settings.ignore_json_keys if not k.startswith("$"))
-        self._ignore_paths = frozenset(
-            generic_path(k) for k in settings.ignore_json_keys if k.startswith("$")
-        ) | frozenset(k for k in settings.ignore_json_keys if k.startswith("$"))
+        self._ignore_keys, self._ignore_paths = split_ignores(settings.ignore_json_keys)
         self._excluded = compile_path_patterns([(p, True) for p in settings.exclude_paths])
         self._queue: collections.deque[ShadowJob] = collections.deque()
         self._tasks: set[asyncio.Task[None]] = set()

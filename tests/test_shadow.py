@@ -30,6 +30,7 @@ from router.shadow import (
     generic_path,
     json_diff,
     merge_views,
+    split_ignores,
 )
 from tests.conftest import (
     ADMIN_HEADERS,
@@ -599,6 +600,15 @@ def test_json_diff_paths_ignores_and_bounds() -> None:
     many = json_diff(list(range(50)), list(range(1, 51)), frozenset(), frozenset())
     assert len(many) == 10
     assert generic_path("$.items[12].tags[0].id") == "$.items[*].tags[*].id"
+
+
+def test_ignore_paths_keep_their_index() -> None:
+    keys, paths = split_ignores(["ts", "$.items[0].etag", "$.rows[*].id"])
+    assert keys == {"ts"}
+    legacy = {"ts": 1, "items": [{"etag": "a"}, {"etag": "b"}], "rows": [{"id": 1}, {"id": 2}]}
+    new = {"ts": 2, "items": [{"etag": "x"}, {"etag": "y"}], "rows": [{"id": 3}, {"id": 4}]}
+    # [0] ignores the first item's etag only; [*] every row's id.
+    assert json_diff(legacy, new, keys, paths) == ['$.items[1].etag: "b" != "y"']
 
 
 def test_body_differences_json_bytes_and_equal() -> None:
