@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -33,6 +34,17 @@ Target = Literal["legacy", "new"]
 TARGETS: tuple[Target, ...] = ("legacy", "new")
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+def _absolute(pattern: str) -> str:
+    if not pattern.startswith("/"):
+        raise ValueError(f"must start with '/', got {pattern!r}")
+    return pattern
+
+
+# A path pattern (compile_path_patterns' syntax: `*`, `**`): pinned paths, body limits,
+# shadow exclusions.
+PathPattern = Annotated[str, AfterValidator(_absolute)]
 
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
@@ -258,15 +270,8 @@ class PinnedPath(_Frozen):
     (`/lifecycle/**` for everything under /lifecycle/).
     """
 
-    pattern: str
+    pattern: PathPattern
     target: Target
-
-    @field_validator("pattern")
-    @classmethod
-    def _absolute(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError(f"must start with '/', got {v!r}")
-        return v
 
 
 class RoutingSettings(_Frozen):
@@ -287,15 +292,8 @@ class RoutingSettings(_Frozen):
 class BodyLimit(_Frozen):
     """A request-body limit for paths matching `pattern` (routing.pinned_paths syntax)."""
 
-    pattern: str
+    pattern: PathPattern
     max_bytes: int = Field(ge=0)
-
-    @field_validator("pattern")
-    @classmethod
-    def _absolute(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise ValueError(f"must start with '/', got {v!r}")
-        return v
 
 
 class LimitSettings(_Frozen):
@@ -356,7 +354,7 @@ class ShadowSettings(_Frozen):
     # queued copy may wait before it is dropped as stale (its legacy answer is that old).
     timeout: PositiveSeconds = 10.0
     # Paths never copied (routing.pinned_paths syntax): GET endpoints with side effects.
-    exclude_paths: list[str] = Field(default_factory=list)
+    exclude_paths: list[PathPattern] = Field(default_factory=list)
     # Response fields compared (case-insensitive). Date, Server, ids... differ by nature.
     compare_headers: list[str] = Field(
         default_factory=lambda: ["content-type", "content-encoding", "location", "cache-control"]
@@ -382,14 +380,6 @@ class ShadowSettings(_Frozen):
             if not all(isinstance(t, str) and t for t in v):
                 raise ValueError("expected tenant ids (strings), or a mapping tenant: rate")
             return dict.fromkeys(v)
-        return v
-
-    @field_validator("exclude_paths")
-    @classmethod
-    def _absolute(cls, v: list[str]) -> list[str]:
-        for pattern in v:
-            if not pattern.startswith("/"):
-                raise ValueError(f"must start with '/', got {pattern!r}")
         return v
 
     @field_validator("compare_headers")
