@@ -10,12 +10,11 @@ the small body. Whatever the router does per request on top of this is its own c
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 
 import uvloop
 from aiohttp import web
-from common import LARGE_BODY, PATH_LARGE, SMALL_BODY
+from common import LARGE_BODY, PATH_LARGE, SMALL_BODY, until_stopped
 
 
 async def handler(request: web.BaseRequest) -> web.Response:
@@ -33,10 +32,7 @@ async def serve(port: int) -> None:
     loop = asyncio.get_running_loop()
     server = web.Server(handler, access_log=None, keepalive_timeout=75.0)
     listener = await loop.create_server(server, "127.0.0.1", port, backlog=4096)
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    await until_stopped()
     listener.close()
     await server.shutdown(1.0)
 

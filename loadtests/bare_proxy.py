@@ -14,11 +14,11 @@ features (bare_proxy -> router).
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 
 import uvloop
 from aiohttp import web
+from common import until_stopped
 
 from router.relay import RELAYED_CLOSE, RELAYED_KEEP_ALIVE, Exchange, encode_response_head
 from router.settings import UpstreamSettings
@@ -54,10 +54,7 @@ async def serve(port: int, upstream_url: str) -> None:
 
     server = web.Server(handler, access_log=None, auto_decompress=False)
     listener = await loop.create_server(server, "127.0.0.1", port, backlog=4096)
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    await until_stopped()
     listener.close()
     await pool.close()
 

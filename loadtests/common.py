@@ -6,6 +6,8 @@ The helper scripts run as `python loadtests/<name>.py`, so this directory is on 
 
 from __future__ import annotations
 
+import asyncio
+import signal
 from typing import Final
 
 # The fixed small answer: 103 bytes, like the upstream of /work/shared/PERFORMANCE.md.
@@ -21,3 +23,12 @@ PATH_LARGE: Final = "/64k"  # GET: LARGE_SIZE bytes
 PATH_UPLOAD: Final = "/upload"  # POST: the whole body is read, then SMALL_BODY answered
 
 TENANT_HEADER: Final = "X-Tenant-Id"
+
+
+async def until_stopped() -> None:
+    """Return on SIGTERM or SIGINT: how the bench stops the helper servers it starts."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()

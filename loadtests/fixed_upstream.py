@@ -12,12 +12,11 @@ upstream it used.
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 
 import httptools
 import uvloop
-from common import LARGE_BODY, PATH_LARGE, SMALL_BODY
+from common import LARGE_BODY, PATH_LARGE, SMALL_BODY, until_stopped
 
 
 def _response(body: bytes, content_type: bytes) -> bytes:
@@ -71,10 +70,7 @@ class FixedProtocol(asyncio.Protocol):
 async def serve(port: int) -> None:
     loop = asyncio.get_running_loop()
     listener = await loop.create_server(FixedProtocol, "127.0.0.1", port, backlog=4096)
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
+    await until_stopped()
     listener.close()
 
 
