@@ -172,24 +172,34 @@ def _short(value: Any) -> str:
 
 
 def json_diff(
+    legacy: Any, new: Any, ignore_keys: frozenset[str], ignore_paths: frozenset[str]
+) -> list[str]:
+    """Where two JSON documents differ, as `path: legacy != new` lines (at most
+    MAX_DIFF_LINES), skipping object keys in `ignore_keys` at any depth and paths (exact,
+    or with `[*]` for any index) in `ignore_paths`."""
+    return [
+        f"{path}: {_short(before)} != {_short(after)}"
+        for path, before, after in json_differences(legacy, new, ignore_keys, ignore_paths)
+    ]
+
+
+def json_differences(
     legacy: Any,
     new: Any,
     ignore_keys: frozenset[str],
     ignore_paths: frozenset[str],
     path: str = "$",
-    out: list[str] | None = None,
-) -> list[str]:
-    """Where two JSON documents differ, as `path: legacy != new` lines (at most
-    MAX_DIFF_LINES), skipping object keys in `ignore_keys` at any depth and paths (exact,
-    or with `[*]` for any index) in `ignore_paths`."""
+    out: list[tuple[str, Any, Any]] | None = None,
+) -> list[tuple[str, Any, Any]]:
+    """json_diff's walk: (path, legacy value, new value) for each difference, _ABSENT for a
+    key or index one side lacks; at most MAX_DIFF_LINES."""
     if out is None:
         out = []
-    if len(out) >= MAX_DIFF_LINES:
+    if len(out) >= MAX_DIFF_LINES or (path != "$" and _ignored(path, ignore_paths)):
         return out
-    if path != "$" and _ignored(path, ignore_paths):
-        return out
+    pairs: list[tuple[str, Any, Any]]
     if isinstance(legacy, dict) and isinstance(new, dict):
-        pairs: list[tuple[str, Any, Any]] = [
+        pairs = [
             (f"{path}.{key}", legacy.get(key, _ABSENT), new.get(key, _ABSENT))
             for key in sorted(legacy.keys() | new.keys())
             if key not in ignore_keys
@@ -204,20 +214,19 @@ def json_diff(
             for index in range(max(len(legacy), len(new)))
         ]
     else:
-        pairs = []
-    if pairs or (isinstance(legacy, (dict, list)) and type(legacy) is type(new)):
-        for child, before, after in pairs:
-            if before is _ABSENT or after is _ABSENT:
-                if not _ignored(child, ignore_paths):
-                    out.append(f"{child}: {_short(before)} != {_short(after)}")
-            else:
-                json_diff(before, after, ignore_keys, ignore_paths, child, out)
-            if len(out) >= MAX_DIFF_LINES:
-                break
+        # Leaves (or an object against an array). 1 and 1.0 are the same JSON number;
+        # True and 1 are not the same JSON value.
+        if legacy != new or isinstance(legacy, bool) != isinstance(new, bool):
+            out.append((path, legacy, new))
         return out
-    # 1 and 1.0 are the same JSON number; True and 1 are not the same JSON value.
-    if legacy != new or isinstance(legacy, bool) != isinstance(new, bool):
-        out.append(f"{path}: {_short(legacy)} != {_short(new)}")
+    for child, before, after in pairs:
+        if before is _ABSENT or after is _ABSENT:
+            if not _ignored(child, ignore_paths):
+                out.append((child, before, after))
+        else:
+            json_differences(before, after, ignore_keys, ignore_paths, child, out)
+        if len(out) >= MAX_DIFF_LINES:
+            break
     return out
 
 
@@ -292,9 +301,9 @@ class Noise:
         b = _parse_json(second.body.captured)
         if a is _NOT_JSON or b is _NOT_JSON:
             return False
-        for line in json_diff(a, b, ignore_keys, ignore_paths | self.json_paths):
+        for path, _, _ in json_differences(a, b, ignore_keys, ignore_paths | self.json_paths):
             if len(self.json_paths) < MAX_NOISE_FIELDS:
-                self.json_paths.add(generic_path(line.partition(": ")[0]))
+                self.json_paths.add(generic_path(path))
         return True
 
 
@@ -497,7 +506,7 @@ class Shadower:
         self.settings = settings
         self.pools = pools
         self.new_pool = pools["new"]
-        self.legacy_pool = pools["legacy"] if settings.noise_filter else None
+        self.legacy_pool = pools.get("legacy")  # only with the noise filter (shadow_pools)
         self._rules = rules
         self._metrics = metrics
         self._loop = loop
@@ -538,19 +547,20 @@ class Shadower:
         if self.active >= settings.max_concurrency and len(self._queue) >= settings.max_queue:
             self._drop(tenant, "queue_full")
             return None
-        new_head, _ = build_request_head(
-            request, request_target, host, request_id, peer, self.new_pool, self._rules,
-            False, False,
-        )  # fmt: skip
-        replay_head = None
-        if self.legacy_pool is not None:
+
+        def copy_head(pool: UpstreamPool, marker: bytes) -> bytes:
+            """The client's head as the router would send it to `pool` (no body), marked:
+            the marker's field goes before the blank line that ends the head."""
             head, _ = build_request_head(
-                request, request_target, host, request_id, peer, self.legacy_pool,
-                self._rules, False, False,
+                request, request_target, host, request_id, peer, pool, self._rules,
+                False, False,
             )  # fmt: skip
-            replay_head = head[:-2] + _SHADOW_REPLAY
+            return head[:-2] + marker
+
+        replay = self.legacy_pool
         job = ShadowJob(
-            tenant, method, path, request_id, new_head[:-2] + _SHADOW_NEW, replay_head,
+            tenant, method, path, request_id, copy_head(self.new_pool, _SHADOW_NEW),
+            copy_head(replay, _SHADOW_REPLAY) if replay is not None else None,
             settings.max_compare_bytes, self.compare_names, self._loop,
         )  # fmt: skip
         if self.active < settings.max_concurrency:

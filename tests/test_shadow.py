@@ -646,6 +646,10 @@ def test_noise_learning() -> None:
     second = answer(200, {"etag": "2", "content-type": "j"}, b'{"t": 2, "items": [{"id": 2}]}')
     assert noise.learn(first, second, nothing, nothing)
     assert noise.headers == {"etag"} and noise.json_paths == {"$.t", "$.items[*].id"}
+    # A key with ": " in it is learned whole (paths are not parsed back out of diff text).
+    assert noise.learn(answer(200, {}, b'{"at: x": 1}'), answer(200, {}, b'{"at: x": 2}'),
+                       nothing, nothing)  # fmt: skip
+    assert "$.at: x" in noise.json_paths
     assert not noise.learn(answer(200, {}, b"x"), answer(500, {}, b"x"), nothing, nothing)
     assert not noise.learn(answer(200, {}, b"a"), answer(200, {}, b"b"), nothing, nothing)
 
