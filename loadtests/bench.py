@@ -141,10 +141,6 @@ def cpu_times(pids: Sequence[int]) -> tuple[float, float]:
     return user / tick, system / tick
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    return sum(cpu_times(pids))
-
-
 def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 2.0) -> int:
     request = urllib.request.Request(url, headers=headers or {})
     try:
