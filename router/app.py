@@ -17,35 +17,33 @@ import logging
 import os
 import time
 from http import HTTPStatus
-from typing import Any, Final, cast
-
-from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
-from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from typing import Any, cast
 
 from router.accesslog import AccessLog
 from router.errors import (
     RETRY_AFTER_SECONDS,
-    BadRequest,
     BodyTooLarge,
-    ClientError,
-    ClientTimeout,
-    HeadersTooLarge,
     HoldTimeout,
     MethodNotAllowed,
     NotReady,
     Overloaded,
     RouterError,
     UpstreamError,
-    UriTooLong,
 )
 from router.flags import FlagSource
+from router.front import (
+    RELAYED_CLOSE,
+    RELAYED_KEEP_ALIVE,
+    FrontServer,
+    LocalReply,
+    Reply,
+    Request,
+    local_reply,
+)
 from router.ledger import open_ledger
 from router.metrics import Metrics
 from router.override import SIGNATURE_HEADER, TARGET_HEADER, OverrideVerifier
 from router.relay import (
-    RELAYED_CLOSE,
-    RELAYED_KEEP_ALIVE,
     Exchange,
     HeaderRules,
     build_request_head,
@@ -63,40 +61,8 @@ from router.workers import WorkerInfo
 log = logging.getLogger("router.app")
 
 
-def error_response(error: RouterError, request_id: str) -> web.Response:
-    body = json.dumps({"error": error.code, "detail": error.detail, "request_id": request_id})
-    response = web.Response(
-        status=error.status, body=body.encode(), content_type="application/json"
-    )
-    response.headers["X-Request-Id"] = request_id
-    if error.status == 503:
-        response.headers["Retry-After"] = RETRY_AFTER_SECONDS
-    if error.source == "downstream":
-        # The request itself was at fault; whatever follows on this connection is suspect.
-        response.force_close()
-    return response
-
-
-# aiohttp's message for a header section with more than max_headers fields (both parsers).
-_TOO_MANY_HEADERS: Final = "Too many headers received"
-
-
-def parse_error(exc: BaseException | None, message: str | None, target_limit: int) -> ClientError:
-    """The error for a request aiohttp's parser refused.
-
-    aiohttp raises LineTooLong for an over-long request target and an over-long header field
-    alike; its `args` are (line, limit crossed, size) in both its parsers, and the limit is
-    the only reliable sign of which one it was (the message quotes client bytes, so
-    matching words in it lets a client choose the answer). `target_limit` is kept distinct
-    from the header limit for that reason (`RouterApp.proxy_server`).
-    """
-    if isinstance(exc, LineTooLong):
-        if len(exc.args) > 1 and str(exc.args[1]) == str(target_limit):
-            return UriTooLong("request line too long")
-        return HeadersTooLarge("request header field too large")
-    if isinstance(exc, BadHttpMessage) and exc.message == _TOO_MANY_HEADERS:
-        return HeadersTooLarge("too many request header fields")
-    return BadRequest(f"malformed request: {message or exc or 'bad request'}"[:300])
+def error_response(error: RouterError, request_id: str) -> LocalReply:
+    return local_reply(error, request_id)
 
 
 class RequestIds:
@@ -159,16 +125,18 @@ class ProxyHandler:
         self._app = app
         self.active = 0  # requests being proxied now (overload protection)
 
-    def reject(self, error: RouterError, client: str | None) -> web.Response:
-        """Answer a request that never reached __call__ (aiohttp refused to parse it) with
-        the same JSON body, a request id, and a record phase like every other local reply."""
+    def reject(self, error: RouterError, client: str | None) -> LocalReply:
+        """Answer a request that never reached __call__ (the parser refused it) with the
+        same JSON body, a request id, and a record phase like every other local reply.
+        Whatever follows on the connection cannot be trusted: it closes after."""
         request_id = self._record_refusal(error, "-", client)
-        response = error_response(error, request_id)
-        # Whatever follows on the connection cannot be trusted: close it, and say so
-        # explicitly, as aiohttp's stand-in for an unparsed request is HTTP/1.0.
-        response.force_close()
-        response.headers["Connection"] = "close"
-        return response
+        reply = error_response(error, request_id)
+        reply.close = True
+        return reply
+
+    def internal_error(self, request: Request) -> LocalReply:
+        """The last resort when __call__ itself failed (it answers its own errors)."""
+        return self.reject(RouterError("internal error"), request.peer)
 
     def _record_refusal(self, error: RouterError, path: str, client: str | None) -> str:
         """The record phase of a reply made outside __call__ (no request was parsed, or
@@ -234,7 +202,7 @@ class ProxyHandler:
             route = self._decider.decide_request(tenant, path, forced, signature)
         return route
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: Request) -> Reply:
         # perf_counter, not loop.time(): uvloop's clock has millisecond resolution.
         clock = time.perf_counter
         start = clock()
@@ -242,7 +210,7 @@ class ProxyHandler:
         request_id = request.headers.get("X-Request-Id")
         if request_id is None or not valid_request_id(request_id):
             request_id = self._request_ids.next()
-        client = _peer(request)
+        client = request.peer
         tenant: str | None = None
         target = "none"
         reason = "none"
@@ -405,143 +373,6 @@ class ProxyHandler:
                 )
 
 
-def _peer(request: web.BaseRequest) -> str:
-    """The client's address, looked up once per connection (aiohttp asks the transport on
-    every `request.remote`)."""
-    protocol = request.protocol
-    if isinstance(protocol, JsonErrorRequestHandler):
-        return protocol.peer
-    return request.remote or ""
-
-
-class JsonErrorRequestHandler(RequestHandler):
-    """aiohttp's connection handler, answering malformed requests with our JSON errors.
-
-    aiohttp answers parse errors itself (plain text, always 400); an SRE's tooling expects
-    the same JSON body and stable code as every other local reply, and 414/431 where the
-    request line or the header section is over the limit.
-    """
-
-    __slots__ = ("_head_timer", "_header_timeout", "_proxy", "_target_limit", "peer")
-
-    def __init__(self, manager: ProxyServer, **kwargs: Any) -> None:
-        super().__init__(manager, **kwargs)
-        # Per-connection state
-        self._proxy = manager.proxy
-        self._target_limit = manager.target_limit
-        self._header_timeout = manager.header_timeout
-        self._head_timer: asyncio.TimerHandle | None = None
-        self.peer = ""
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-        super().connection_lost(exc)
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        manager = self._manager
-        if isinstance(manager, ProxyServer) and manager.open_connections > manager.max_connections:
-            # Over the cap: a clean refusal (a 503 the client can read, then the close),
-            # rather than an accept that is never served. Open connections keep working.
-            manager.proxy.shed_connection(transport)
-            return
-        peername = transport.get_extra_info("peername")
-        if isinstance(peername, (list, tuple)) and peername:
-            self.peer = str(peername[0])
-        elif peername:
-            self.peer = str(peername)  # a unix socket path
-
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        # A parse error in the body of a request already being handled (a bad chunk size
-        # that arrives after the head) is queued by aiohttp as the *next* message, while the
-        # handler's body stream stays open, waiting for bytes that will never be parsed:
-        # the request, and the upstream connection it holds, would hang until the client
-        # leaves. Fail that body stream instead, and end it, so that aiohttp does not try
-        # to read ("linger" on) the rest after the 400. One check per read, on a queue that
-        # is empty while a request is being handled unless the client pipelines.
-        messages = self._messages
-        if messages and isinstance(messages[-1][0], _ErrInfo):
-            request = self._current_request
-            if request is not None and not request.content.is_eof():
-                error = messages[-1][0]
-                body = request.content
-                body.set_exception(parse_error(error.exc, error.message, self._target_limit))
-                body.feed_eof()
-        # Slow headers (slowloris): the first bytes of a request head start a timer that a
-        # complete head (queued in _messages) or a request being handled (these bytes are
-        # its body) cancels; if it fires first, 408 and close.
-        if messages or self._request_in_progress:
-            if self._head_timer is not None:
-                self._head_timer.cancel()
-                self._head_timer = None
-        elif self._head_timer is None and self.transport is not None:
-            self._head_timer = self._loop.call_later(self._header_timeout, self._head_too_slow)
-
-    def _head_too_slow(self) -> None:
-        self._head_timer = None
-        transport = self.transport
-        if self._messages or self._request_in_progress or transport is None:
-            return
-        self._proxy.refuse_connection(
-            transport, ClientTimeout("request head not received in time"), "header_timeout"
-        )
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if isinstance(exc, ConnectionError) or request.writer.output_size > 0:
-            # The client is gone (ProxyHandler re-raises its disconnects), or the response
-            # has started: there is nobody, or no way, to answer. aiohttp drops the
-            # connection quietly on ConnectionError.
-            raise ConnectionError("client disconnected or response already started")
-        error: RouterError
-        if status == 400 or isinstance(exc, BadHttpMessage):
-            error = parse_error(exc, message, self._target_limit)
-            self.log_debug("rejected request", exc_info=exc)
-        else:
-            log.error("error handling request", exc_info=exc)
-            error = RouterError("internal error")
-        return self._proxy.reject(error, request.remote)
-
-
-class ProxyServer(web.Server):
-    """aiohttp's low-level server (no URL dispatcher: every request goes to one handler)."""
-
-    def __init__(
-        self,
-        proxy: ProxyHandler,
-        *,
-        target_limit: int,
-        max_connections: int,
-        header_timeout: float,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(proxy, max_line_size=target_limit, **kwargs)
-        self.proxy = proxy
-        self.target_limit = target_limit
-        self.max_connections = max_connections
-        self.header_timeout = header_timeout
-        self.open_connections = 0  # `connections` copies a list: too dear per accept
-
-    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
-        self.open_connections += 1
-        super().connection_made(handler, transport)
-
-    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
-        self.open_connections -= 1
-        super().connection_lost(handler, exc)
-
-    def __call__(self) -> RequestHandler:
-        return JsonErrorRequestHandler(self, loop=self._loop, **self._kwargs)
-
-
 class RouterApp:
     """Everything with a start and an end, built once from Settings."""
 
@@ -689,27 +520,16 @@ class RouterApp:
             "ledgered": tenant in self.ledger.tenants,
         }
 
-    def proxy_server(self, **kwargs: Any) -> ProxyServer:
+    def proxy_server(self) -> FrontServer:
+        """The protocol factory for the proxy's listener (front.py)."""
         s = self.settings.server
-        # aiohttp applies max_line_size to the request target alone, and says which of its
-        # two line limits a request crossed only by the limit's value (`parse_error`), so
-        # the two must differ. When configured equal, the target gets one byte less: a
-        # target that long makes a request line (`GET ` + target + ` HTTP/1.1`) over the
-        # limit anyway, so no request line within the limit is refused.
-        target_limit = s.max_request_line
-        if target_limit == s.max_header_size:
-            target_limit -= 1
-        return ProxyServer(
+        return FrontServer(
             ProxyHandler(self),
-            target_limit=target_limit,
-            max_connections=self.settings.limits.max_connections,
-            header_timeout=s.header_timeout,
-            loop=self.loop,
-            access_log=None,
-            # Request bodies are relayed as sent, never decompressed.
-            auto_decompress=False,
-            keepalive_timeout=s.keepalive_timeout,
+            self.loop,
+            max_target=s.max_request_line,
             max_field_size=s.max_header_size,
             max_headers=s.max_headers,
-            **kwargs,
+            keepalive_timeout=s.keepalive_timeout,
+            header_timeout=s.header_timeout,
+            max_connections=self.settings.limits.max_connections,
         )

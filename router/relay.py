@@ -23,15 +23,13 @@ import re
 import time
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-from aiohttp import web
+from yarl import URL
 
 from router.errors import BadRequest, BodyTooLarge, ClientTimeout, RouterError, UpstreamReset
+from router.front import Request
 from router.upstream import RETRYABLE_METHODS, UpstreamConnection, UpstreamPool, UpstreamResponse
-
-if TYPE_CHECKING:
-    from aiohttp.streams import StreamReader
 
 HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
@@ -107,7 +105,7 @@ class HeaderRules:
 
 
 def build_request_head(
-    request: web.BaseRequest,
+    request: Request,
     target: bytes,
     host: str,
     request_id: str,
@@ -276,39 +274,6 @@ def encode_response_head(
     return b"".join(parts), framing, keep_alive
 
 
-class RelayedResponse(web.StreamResponse):
-    """What the handler hands back to aiohttp once it has written the response itself.
-
-    The relay writes the status line, fields and body as raw bytes through the request's
-    own writer (aiohttp's StreamWriter: its byte counts and its backpressure), head and
-    first body bytes in one write: building an aiohttp header multidict, decoding every
-    field to str and having aiohttp serialise it back cost more than the rest of a small
-    request. aiohttp then only needs to know that the response is complete (prepare and
-    write_eof do nothing) and whether the connection stays open, so the two possible
-    answers are built once: `RELAYED_KEEP_ALIVE` and `RELAYED_CLOSE`.
-    """
-
-    __slots__ = ("_relayed_keep_alive",)
-
-    def __init__(self, keep_alive: bool) -> None:
-        super().__init__()
-        self._relayed_keep_alive = keep_alive
-
-    @property
-    def keep_alive(self) -> bool:
-        return self._relayed_keep_alive
-
-    async def prepare(self, request: web.BaseRequest) -> None:
-        return None  # already written
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        return None  # already written
-
-
-RELAYED_KEEP_ALIVE: Final = RelayedResponse(keep_alive=True)
-RELAYED_CLOSE: Final = RelayedResponse(keep_alive=False)
-
-
 class Exchange:
     """One request/response through an upstream pool, with byte counts for the record phase."""
 
@@ -324,7 +289,7 @@ class Exchange:
 
     async def send(
         self,
-        request: web.BaseRequest,
+        request: Request,
         pool: UpstreamPool,
         head: bytes,
         has_body: bool,
@@ -367,7 +332,7 @@ class Exchange:
     async def _attempt(
         self,
         conn: UpstreamConnection,
-        request: web.BaseRequest,
+        request: Request,
         pool: UpstreamPool,
         head: bytes,
         chunked: bool,
@@ -389,7 +354,7 @@ class Exchange:
 
     async def _send_body(
         self,
-        request: web.BaseRequest,
+        request: Request,
         conn: UpstreamConnection,
         chunked: bool,
         timeout: float,
@@ -398,7 +363,7 @@ class Exchange:
         """Stream the request body; `timeout` bounds each wait for the upstream to read.
         Past `limit` bytes: BodyTooLarge (finish() then drops the upstream connection, which
         holds a truncated request)."""
-        content: StreamReader = request.content
+        content = request.content
         if request.headers.get("Expect", "").lower() == "100-continue":
             # Answer the client's Expect ourselves (the Expect field is not forwarded) once
             # there is an upstream to send the body to.
@@ -431,7 +396,7 @@ class Exchange:
 
     async def relay(
         self,
-        request: web.BaseRequest,
+        request: Request,
         head: bytes,
         framing: int,
         read_timeout: float,
@@ -501,7 +466,7 @@ class Exchange:
             pool.release(conn)
 
 
-def origin_form(request: web.BaseRequest) -> tuple[bytes, str]:
+def origin_form(request: Request) -> tuple[bytes, str]:
     """The origin-form target and the effective Host of a request.
 
     An absolute-form target (`GET http://host/path`) is accepted as RFC 9112 3.2.2
@@ -515,7 +480,11 @@ def origin_form(request: web.BaseRequest) -> tuple[bytes, str]:
         return raw.encode("latin-1"), host
     if raw == "*" and request.method == "OPTIONS":
         return b"*", host
-    url = request.url
-    if raw.lower().startswith(("http://", "https://")) and url.raw_host:
-        return (url.raw_path_qs or "/").encode("latin-1"), url.raw_authority
+    if raw.lower().startswith(("http://", "https://")):
+        try:
+            url = URL(raw, encoded=True)
+        except ValueError:
+            raise BadRequest(f"unsupported request target {raw[:100]!r}") from None
+        if url.raw_host:
+            return (url.raw_path_qs or "/").encode("latin-1"), url.raw_authority
     raise BadRequest(f"unsupported request target {raw[:100]!r}")

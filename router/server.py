@@ -32,6 +32,7 @@ from aiohttp import web
 from router.accesslog import configure_logging
 from router.admin import build_admin_app, build_internal_app
 from router.app import RouterApp
+from router.front import FrontServer
 from router.settings import Settings
 from router.workers import WORKER_COUNT_ENV, WORKER_DIR_ENV, WORKER_ID_ENV, WorkerInfo
 
@@ -153,35 +154,20 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
     return 0
 
 
-async def _finish_in_flight(proxy: web.Server, timeout: float, now: asyncio.Event) -> None:
-    """Let in-flight requests finish for up to `timeout` s (or until `now`), then cancel them.
-
-    Not a bare `proxy.shutdown(timeout)`: aiohttp waits up to `timeout` for each handler,
-    then cancels only the request *body* and waits up to `timeout` AGAIN for the handler.
-    A handler waiting on its upstream used both waits, so SIGINT took 4 s instead of 2 and
-    SIGTERM up to drain_delay + 2 x shutdown_timeout, past what ECS's stopTimeout allows.
-    """
-    shutdown = asyncio.ensure_future(proxy.shutdown(timeout))
+async def _finish_in_flight(proxy: FrontServer, timeout: float, now: asyncio.Event) -> None:
+    """Let in-flight requests finish for up to `timeout` s (or until `now`, a second
+    signal), then cancel those left and drop their connections."""
+    idle = asyncio.ensure_future(proxy.wait_idle())
     interrupted = asyncio.ensure_future(now.wait())
     try:
         await asyncio.wait(
-            {shutdown, interrupted}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            {idle, interrupted}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
         )
     finally:
+        idle.cancel()
         interrupted.cancel()
-    if shutdown.done():
-        return
-    # Out of patience: cancel the handlers still running (aiohttp's shutdown then closes
-    # their connections at once). `_task_handler` is aiohttp's private name for the task
-    # serving a connection; without it we fall back to aiohttp's own, slower, bound.
-    for conn in proxy.connections:
-        task = getattr(conn, "_task_handler", None)
-        if isinstance(task, asyncio.Task) and not task.done():
-            task.cancel()
-    with contextlib.suppress(TimeoutError):
-        # shield: on timeout, leave aiohttp's shutdown to finish in the background rather
-        # than interrupting it half-way through closing connections.
-        await asyncio.wait_for(asyncio.shield(shutdown), 1.0)
+    proxy.cancel_all()
+    await asyncio.sleep(0)  # let the cancelled handlers run their clean-up (record phase)
 
 
 def _bound_port(sockets: Any) -> int | None:

@@ -43,9 +43,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
-from aiohttp import web
-
 from router.errors import RouterError, UpstreamReset
+from router.front import Request
 from router.relay import HeaderRules, build_request_head
 from router.routing import compile_path_patterns
 from router.settings import ShadowSettings
@@ -532,7 +531,7 @@ class Shadower:
         tenant: str,
         method: str,
         path: str,
-        request: web.BaseRequest,
+        request: Request,
         request_target: bytes,
         host: str,
         request_id: str,

@@ -1,0 +1,923 @@
+"""The client side of the proxy: HTTP/1.1 connections driven at the protocol level.
+
+Why not aiohttp's server: per request it builds a request object, a header multidict of
+decoded strings, a stream reader, a payload and a response writer, and it costs more CPU
+than the whole rest of the router's work (loadtests/README.md: aiohttp alone answering a
+fixed body costs ~19 us a request on the bench machine; the router's features ~11 us).
+This module parses with llhttp (httptools), as upstream.py does for the other side, and
+keeps per request only what the proxy reads: the raw fields, a lazily built
+case-insensitive lookup, and a body stream only when there is a body.
+
+Shape:
+    FrontServer     the protocol factory given to loop.create_server: limits, open
+                    connections, graceful shutdown.
+    FrontConnection one client connection: parses requests, runs the handler for each in
+                    turn (pipelined requests wait their turn), writes local replies, and
+                    owns the connection's timers (slow head, keep-alive idle, linger).
+    Request         what the handler sees of one request.
+    BodyStream      a request body, streamed, with backpressure on the client's socket.
+    LocalReply      an answer the router makes itself (the JSON errors).
+
+The handler is `async (Request) -> Reply`: it either relays the upstream's answer through
+`request.writer` itself and returns RELAYED_KEEP_ALIVE or RELAYED_CLOSE, or returns a
+LocalReply for the connection to write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Final, TypeVar, cast, overload
+
+import httptools
+
+from router.errors import (
+    RETRY_AFTER_SECONDS,
+    BadRequest,
+    ClientError,
+    ClientTimeout,
+    HeadersTooLarge,
+    RouterError,
+    UriTooLong,
+)
+
+if TYPE_CHECKING:
+    from router.app import ProxyHandler
+
+log = logging.getLogger("router.front")
+
+# Request body bytes buffered per request before the client's socket is paused.
+_BODY_HIGH_WATER: Final = 256 * 1024
+_BODY_LOW_WATER: Final = 64 * 1024
+# Complete requests queued behind the one being handled (pipelining) before reading pauses.
+_MAX_PIPELINED: Final = 32
+# After an answer that did not need the rest of the request body: how long, and how many
+# bytes, the connection keeps reading and discarding it, so the client sees the answer
+# rather than a reset, before giving up and closing.
+_LINGER_SECONDS: Final = 5.0
+_LINGER_BYTES: Final = 4 * 1024 * 1024
+
+
+class HttpVersion:
+    __slots__ = ("major", "minor")
+
+    def __init__(self, major: int, minor: int) -> None:
+        self.major = major
+        self.minor = minor
+
+
+_T = TypeVar("_T")
+
+_VERSIONS: Final = {"1.1": HttpVersion(1, 1), "1.0": HttpVersion(1, 0)}
+
+# Header names the router looks up, lower-cased once; any other name is lowered per call.
+_LOWER_NAMES: dict[str, bytes] = {}
+
+
+class Headers(Mapping[str, str]):
+    """Case-insensitive, first-value-wins lookup over a request's raw fields (as aiohttp's
+    `headers.get` answers). Values decode as UTF-8 with surrogate escapes, as aiohttp's
+    parser does; the index is built on the first lookup."""
+
+    __slots__ = ("_index", "_raw")
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+        self._index: dict[bytes, bytes] | None = None
+
+    def _build(self) -> dict[bytes, bytes]:
+        index: dict[bytes, bytes] = {}
+        for name, value in self._raw:
+            lname = name.lower()
+            if lname not in index:
+                index[lname] = value
+        self._index = index
+        return index
+
+    @staticmethod
+    def _key(name: str) -> bytes:
+        key = _LOWER_NAMES.get(name)
+        if key is None:
+            key = name.lower().encode("latin-1")
+            if len(_LOWER_NAMES) < 1024:  # names come from code and configuration
+                _LOWER_NAMES[name] = key
+        return key
+
+    @overload
+    def get(self, name: str, /) -> str | None: ...
+
+    @overload
+    def get(self, name: str, default: str, /) -> str: ...
+
+    @overload
+    def get(self, name: str, default: _T, /) -> str | _T: ...
+
+    def get(self, name: str, default: object = None, /) -> object:
+        index = self._index if self._index is not None else self._build()
+        value = index.get(self._key(name))
+        if value is None:
+            return default
+        return value.decode("utf-8", "surrogateescape")
+
+    def __contains__(self, name: object) -> bool:
+        index = self._index if self._index is not None else self._build()
+        return isinstance(name, str) and self._key(name) in index
+
+    def __getitem__(self, name: str) -> str:
+        value: str | None = self.get(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (name.decode("latin-1") for name, _ in self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def getall(self, name: str) -> list[str]:
+        key = self._key(name)
+        return [
+            value.decode("utf-8", "surrogateescape")
+            for lname, value in self._raw
+            if lname.lower() == key
+        ]
+
+
+class BodyStream:
+    """A request body as it arrives: `readany()` returns the next bytes, b"" at its end.
+    Above a high-water mark the client's socket is paused until the reader catches up."""
+
+    __slots__ = ("_buffered", "_chunks", "_conn", "_eof", "_exception", "_waiter", "total")
+
+    def __init__(self, conn: FrontConnection) -> None:
+        self._conn = conn
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._eof = False
+        self._exception: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.total = 0  # bytes received so far
+
+    def feed_data(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self.total += len(data)
+        self._wake()
+        if self._buffered > _BODY_HIGH_WATER:
+            self._conn.pause_reading_for_body()
+
+    def feed_eof(self) -> None:
+        self._eof = True
+        self._wake()
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._exception = exc
+        self._wake()
+
+    def is_eof(self) -> bool:
+        return self._eof
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def readany(self) -> bytes:
+        while True:
+            if self._exception is not None:
+                raise self._exception
+            if self._chunks:
+                data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+                self._chunks.clear()
+                self._buffered = 0
+                self._conn.resume_reading_for_body()
+                return data
+            if self._eof:
+                return b""
+            self._waiter = self._conn.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def unread_all(self) -> None:
+        """Forget what is buffered (the handler is done with this request)."""
+        self._chunks.clear()
+        self._buffered = 0
+
+
+class _EmptyBody:
+    """The body of a request without one."""
+
+    __slots__ = ()
+    total = 0
+
+    async def readany(self) -> bytes:
+        return b""
+
+    def is_eof(self) -> bool:
+        return True
+
+    def set_exception(self, exc: BaseException) -> None:
+        pass
+
+    def feed_eof(self) -> None:
+        pass
+
+
+EMPTY_BODY: Final = _EmptyBody()
+
+
+class Request:
+    """One parsed request: the raw request target and fields, as the client sent them."""
+
+    __slots__ = (
+        "chunked",
+        "content",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "method",
+        "raw_headers",
+        "raw_path",
+        "target",
+        "version",
+        "writer",
+    )
+
+    def __init__(
+        self,
+        writer: FrontConnection,
+        method: str,
+        target: bytes,
+        raw_headers: list[tuple[bytes, bytes]],
+        version: HttpVersion,
+        keep_alive: bool,
+        content_length: int | None,
+        chunked: bool,
+    ) -> None:
+        self.writer = writer
+        self.method = method
+        self.target = target
+        self.raw_path = target.decode("latin-1")
+        self.raw_headers = raw_headers
+        self.headers = Headers(raw_headers)
+        self.version = version
+        self.keep_alive = keep_alive
+        self.content_length = content_length
+        self.chunked = chunked
+        self.content: BodyStream | _EmptyBody = EMPTY_BODY
+
+    @property
+    def body_exists(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self.writer.transport
+
+    @property
+    def peer(self) -> str:
+        return self.writer.peer
+
+
+class Relayed:
+    """The handler wrote the answer itself; only whether the connection stays open is left."""
+
+    __slots__ = ("keep_alive",)
+
+    def __init__(self, keep_alive: bool) -> None:
+        self.keep_alive = keep_alive
+
+
+RELAYED_KEEP_ALIVE: Final = Relayed(keep_alive=True)
+RELAYED_CLOSE: Final = Relayed(keep_alive=False)
+
+
+class LocalReply:
+    """An answer the router makes itself: status, JSON body, a few fields."""
+
+    __slots__ = ("body", "close", "fields", "status")
+
+    def __init__(
+        self, status: int, body: bytes, fields: list[tuple[str, str]], close: bool = False
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.fields = fields
+        self.close = close  # the connection closes after it
+
+    def encode(self, minor: int, keep_alive: bool, head_request: bool) -> bytes:
+        try:
+            phrase = HTTPStatus(self.status).phrase
+        except ValueError:
+            phrase = ""
+        lines = [f"HTTP/1.{minor} {self.status} {phrase}", f"Date: {http_date()}"]
+        lines.extend(f"{name}: {value}" for name, value in self.fields)
+        lines.append(f"Content-Length: {len(self.body)}")
+        if not keep_alive:
+            lines.append("Connection: close")
+        elif minor == 0:
+            lines.append("Connection: keep-alive")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return head if head_request else head + self.body
+
+
+Reply = Relayed | LocalReply
+Handler = Callable[[Request], Awaitable[Reply]]
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def http_date() -> str:
+    """The Date field's value, formatted once a second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True))
+    return _date_cache[1]
+
+
+class _Refused:
+    """A request the parser refused, queued behind the requests before it."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: ClientError) -> None:
+        self.error = error
+
+
+class FrontConnection(asyncio.Protocol):
+    """One client connection: parse, hand each request to the handler in turn, answer."""
+
+    __slots__ = (
+        "_body_paused",
+        "_current",
+        "_deferred",
+        "_discarding",
+        "_feeding",
+        "_head_bytes",
+        "_head_count",
+        "_head_timer",
+        "_headers",
+        "_idle_timer",
+        "_in_head",
+        "_linger_timer",
+        "_parser",
+        "_parsing",
+        "_pipeline",
+        "_pipeline_paused",
+        "_refused",
+        "_server",
+        "_task",
+        "_url",
+        "_write_paused",
+        "_write_waiter",
+        "closing",
+        "loop",
+        "output_size",
+        "peer",
+        "transport",
+    )
+
+    def __init__(self, server: FrontServer) -> None:
+        self._server = server
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0  # raw bytes of the head being parsed (limits)
+        self._head_count = 0
+        self._in_head = False  # bytes of a request head arrived, its end not yet
+        self._parsing: Request | None = None  # the request whose body is being parsed
+        self._current: Request | None = None  # the request being handled
+        self._task: asyncio.Task[None] | None = None
+        # While a read is parsed, a request it completes waits for the end of the read
+        # before its handler starts: an error later in the same bytes (a bad chunk) then
+        # refuses it whole, before anything is sent upstream.
+        self._feeding = False
+        self._deferred: Request | None = None
+        self._pipeline: collections.deque[Request | _Refused] = collections.deque()
+        self._pipeline_paused = False
+        self._body_paused = False
+        self._refused = False  # the parser refused something: read no more
+        self._discarding = False  # the handler is done; the rest of its body is dropped
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self._write_paused = False
+        self._write_waiter: asyncio.Future[None] | None = None
+        self.closing = False  # close once the current answer is written
+        self.output_size = 0  # bytes of answers written (the handler's 'response started')
+
+    # ---- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCPTransport does not subclass asyncio.Transport, but implements it.
+        self.transport = cast(asyncio.Transport, transport)
+        server = self._server
+        server.connections.add(self)
+        if len(server.connections) > server.max_connections:
+            # Over the cap: a clean refusal (a 503 the client can read, then the close),
+            # rather than an accept that is never served. Open connections keep working.
+            server.handler.shed_connection(transport)
+            return
+        peername = transport.get_extra_info("peername")
+        if isinstance(peername, (list, tuple)) and peername:
+            self.peer = str(peername[0])
+        elif peername:
+            self.peer = str(peername)  # a unix socket path
+        self._arm_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server.connections.discard(self)
+        self.transport = None
+        self.closing = True
+        for timer in (self._head_timer, self._idle_timer, self._linger_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._idle_timer = self._linger_timer = None
+        gone = ConnectionResetError("client disconnected")
+        for request in (self._current, self._parsing, *self._pipeline):
+            if isinstance(request, Request) and not request.content.is_eof():
+                request.content.set_exception(gone)
+        self._pipeline.clear()
+        waiter = self._write_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(gone)
+            waiter.exception()  # retrieved by write(); not "never retrieved" if nobody waits
+
+    def eof_received(self) -> bool:
+        # The client half-closed. A body still arriving never will: its reader fails (the
+        # handler then drops the upstream connection, which holds half a request).
+        # Requests already received are still answered (the transport stays open for
+        # writing); nothing more is read.
+        parsing = self._parsing
+        if parsing is not None:
+            self._parsing = None
+            parsing.content.set_exception(ConnectionResetError("client closed mid-body"))
+        self._refused = True
+        self.closing = True
+        return self._current is not None or bool(self._pipeline)  # False: idle, close now
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._write_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        self._feeding = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # Upgrade (or CONNECT): the router relays neither; the request as parsed gets its
+            # answer (the handler refuses CONNECT; an Upgrade field is hop-by-hop and
+            # dropped). What follows on the connection cannot be read as HTTP: close after.
+            self._refused = True
+            self.closing = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            error = cause if isinstance(cause, ClientError) else _parse_error(exc)
+            self._refuse(error)
+            return
+        finally:
+            self._feeding = False
+            deferred = self._deferred
+            if deferred is not None:
+                self._deferred = None
+                self._task = self.loop.create_task(self._handle(deferred))
+        if self._in_head:
+            # llhttp holds an unfinished field line until its end, so a line that never
+            # ends would grow without bound: count raw bytes of the head too.
+            self._head_bytes += len(data)
+            if self._head_bytes > self._server.max_head_bytes:
+                self._refuse(HeadersTooLarge("request header section too large"))
+                return
+            if self._head_timer is None and self._current is None:
+                # Slow headers (slowloris): a complete head must follow in time.
+                self._head_timer = self.loop.call_later(
+                    self._server.header_timeout, self._head_too_slow
+                )
+
+    # ---- httptools callbacks -----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._headers = []
+        self._head_count = 0
+        self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self._server.max_target:
+            raise UriTooLong("request line too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        server = self._server
+        if len(name) + len(value) + 2 > server.max_field_size:
+            raise HeadersTooLarge("request header field too large")
+        self._head_count += 1
+        if self._head_count > server.max_headers:
+            raise HeadersTooLarge("too many request header fields")
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        parser = self._parser
+        content_length: int | None = None
+        chunked = False
+        hosts = 0
+        for name, value in self._headers:
+            size = len(name)
+            if size == 4 and name.lower() == b"host":
+                hosts += 1
+            elif size == 14 and name.lower() == b"content-length":
+                # llhttp already refused malformed and conflicting values.
+                content_length = int(value)
+            elif size == 17 and name.lower() == b"transfer-encoding":
+                if value.strip().lower() != b"chunked" or chunked:
+                    # Only chunked is a coding we can read; anything else would leave the
+                    # body's end unknown (RFC 9112 6.3 says: refuse with 400, then close).
+                    raise BadRequest("unsupported Transfer-Encoding")
+                chunked = True
+        version = _VERSIONS.get(parser.get_http_version())
+        if version is None:
+            raise BadRequest("unsupported HTTP version")
+        # RFC 9112 3.2: exactly one Host in HTTP/1.1, at most one in HTTP/1.0 (two could
+        # route the tenant by one and reach the backend with the other).
+        if hosts > 1 or (hosts == 0 and version.minor == 1):
+            raise BadRequest("a request needs exactly one Host field")
+        if chunked and version.minor == 0:
+            # HTTP/1.0 has no chunked coding (RFC 9112 6.1): its end would be ambiguous.
+            raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        request = Request(
+            self,
+            parser.get_method().decode("ascii"),
+            self._url,
+            self._headers,
+            version,
+            bool(parser.should_keep_alive()) and not self._server.closing,
+            content_length,
+            chunked,
+        )
+        if chunked or content_length:
+            request.content = BodyStream(self)
+            self._parsing = request
+        self._enqueue(request)
+
+    def on_body(self, body: bytes) -> None:
+        request = self._parsing
+        if request is None:
+            return
+        if self._discarding and request is self._current:
+            self._discard(len(body))
+            return
+        content = request.content
+        assert isinstance(content, BodyStream)
+        content.feed_data(body)
+
+    def on_message_complete(self) -> None:
+        request = self._parsing
+        if request is not None:
+            self._parsing = None
+            request.content.feed_eof()
+            if self._discarding and request is self._current:
+                self._discarding = False
+                if self._linger_timer is not None:
+                    self._linger_timer.cancel()
+                    self._linger_timer = None
+                self._next()
+
+    # ---- requests in turn --------------------------------------------------------------
+
+    def _enqueue(self, item: Request | _Refused) -> None:
+        if self._current is None and not self._pipeline:
+            self._start(item)
+            return
+        self._pipeline.append(item)
+        if len(self._pipeline) >= _MAX_PIPELINED and not self._pipeline_paused:
+            self._pipeline_paused = True
+            if self.transport is not None:
+                self.transport.pause_reading()
+
+    def _start(self, item: Request | _Refused) -> None:
+        if isinstance(item, _Refused):
+            self._write_refusal(item.error)
+            return
+        self._current = item
+        if self._feeding:
+            self._deferred = item
+        else:
+            self._task = self.loop.create_task(self._handle(item))
+
+    async def _handle(self, request: Request) -> None:
+        server = self._server
+        server.in_flight += 1
+        keep_alive = False
+        try:
+            try:
+                reply = await server.handler(request)
+            except (ConnectionError, asyncio.CancelledError):
+                return  # the client is gone, or shutdown ran out of patience: just close
+            except Exception:  # the handler answers its own errors; this is a last resort
+                log.exception("error handling request")
+                if self.output_size or self.transport is None:
+                    return
+                reply = server.handler.internal_error(request)
+            if isinstance(reply, Relayed):
+                keep_alive = reply.keep_alive
+            else:
+                keep_alive = request.keep_alive and not reply.close
+                transport = self.transport
+                if transport is None:
+                    return
+                data = reply.encode(
+                    request.version.minor if request.version.major == 1 else 1,
+                    keep_alive,
+                    request.method == "HEAD",
+                )
+                self.output_size += len(data)
+                transport.write(data)
+        finally:
+            server.in_flight -= 1
+            waiter = server.idle_waiter
+            if server.in_flight == 0 and waiter is not None and not waiter.done():
+                waiter.set_result(None)
+            self._done(request, keep_alive)
+
+    def _done(self, request: Request, keep_alive: bool) -> None:
+        """The answer to `request` is written: on to the next one, or close."""
+        self._current = None
+        self._task = None
+        transport = self.transport
+        if transport is None:
+            return
+        if not keep_alive or self.closing or self._server.closing:
+            transport.close()  # flushes what is written, then closes
+            return
+        content = request.content
+        if not content.is_eof():
+            # Answered before the whole body came (an early error, an upstream that did not
+            # read it): read and drop the rest, then carry on, so the client reads the
+            # answer rather than a reset. Bounded in time and bytes.
+            assert isinstance(content, BodyStream)
+            content.unread_all()
+            self._current = request
+            self._discarding = True
+            self.resume_reading_for_body()
+            self._linger_timer = self.loop.call_later(_LINGER_SECONDS, self._linger_over)
+            return
+        self._next()
+
+    def _next(self) -> None:
+        self._current = None
+        if self._pipeline:
+            if self._pipeline_paused and len(self._pipeline) <= _MAX_PIPELINED // 2:
+                self._pipeline_paused = False
+                if self.transport is not None:
+                    self.transport.resume_reading()
+            self._start(self._pipeline.popleft())
+        else:
+            self._arm_idle()
+
+    def _discard(self, size: int) -> None:
+        self._head_bytes += size  # reused as the count of bytes dropped
+        if self._head_bytes > _LINGER_BYTES:
+            self._linger_over()
+
+    def _linger_over(self) -> None:
+        self._linger_timer = None
+        if self.transport is not None:
+            self.transport.close()
+
+    # ---- writing -----------------------------------------------------------------------
+
+    async def write(self, data: bytes) -> None:
+        """Write part of an answer, waiting while the client is not reading."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("client disconnected")
+        self.output_size += len(data)
+        transport.write(data)
+        if self._write_paused:
+            waiter = self._write_waiter = self.loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._write_waiter = None
+
+    # ---- flow control of request bodies ------------------------------------------------
+
+    def pause_reading_for_body(self) -> None:
+        if not self._body_paused and self.transport is not None:
+            self._body_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading_for_body(self) -> None:
+        if self._body_paused:
+            self._body_paused = False
+            if self.transport is not None and not self._pipeline_paused:
+                self.transport.resume_reading()
+
+    # ---- timers and refusals -----------------------------------------------------------
+
+    def _arm_idle(self) -> None:
+        if self._server.closing:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        if self._idle_timer is None and self.transport is not None:
+            self._idle_timer = self.loop.call_later(self._server.keepalive_timeout, self._idle)
+
+    def _idle(self) -> None:
+        self._idle_timer = None
+        idle = self._current is None and not self._pipeline and not self._in_head
+        if idle and self.transport is not None:
+            self.transport.close()
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        transport = self.transport
+        if not self._in_head or self._current is not None or transport is None:
+            return
+        self._refused = True
+        self._server.handler.refuse_connection(
+            transport, ClientTimeout("request head not received in time"), "header_timeout"
+        )
+
+    def _refuse(self, error: ClientError) -> None:
+        """The parser refused the request: answer it in turn, then close."""
+        self._refused = True
+        self._in_head = False
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        parsing = self._parsing
+        if parsing is not None:
+            self._parsing = None
+            if not parsing.content.is_eof():
+                # A body the parser gave up on (a bad chunk size, say): its reader fails
+                # with the parser's error rather than waiting for bytes never parsed.
+                parsing.content.set_exception(error)
+                parsing.content.feed_eof()
+            self.closing = True
+            if parsing is self._deferred:
+                # Its handler has not started: refused whole, nothing goes upstream.
+                self._deferred = self._current = None
+            elif parsing in self._pipeline:
+                self._pipeline.remove(parsing)
+            else:
+                return  # its handler answers (the body read fails), then the close
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self._enqueue(_Refused(error))
+
+    def _write_refusal(self, error: ClientError) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        reply = self._server.handler.reject(error, self.peer)
+        data = reply.encode(1, False, False)
+        self.output_size += len(data)
+        transport.write(data)
+        transport.close()
+
+    def close_if_idle(self) -> bool:
+        """Close now if no request is being handled or queued (shutdown)."""
+        if self._current is None and not self._pipeline and self.transport is not None:
+            self.transport.close()
+            return True
+        self.closing = True
+        return False
+
+    def cancel(self) -> None:
+        """Stop the request being handled (shutdown out of patience) and close."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _parse_error(exc: httptools.HttpParserError) -> ClientError:
+    message = str(exc) or "bad request"
+    return BadRequest(f"malformed request: {message}"[:300])
+
+
+class FrontServer:
+    """The protocol factory for the proxy's listener, and the state all its connections
+    share: limits, the set of open connections, shutdown."""
+
+    def __init__(
+        self,
+        handler: ProxyHandler,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        max_target: int,
+        max_field_size: int,
+        max_headers: int,
+        keepalive_timeout: float,
+        header_timeout: float,
+        max_connections: int,
+    ) -> None:
+        self.handler = handler
+        self.loop = loop
+        self.max_target = max_target
+        self.max_field_size = max_field_size
+        self.max_headers = max_headers
+        # A head's raw bytes: its request line and every field at their limits.
+        self.max_head_bytes = max_target + 16 + max_headers * (max_field_size + 2) + 2
+        self.keepalive_timeout = keepalive_timeout
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.connections: set[FrontConnection] = set()
+        self.in_flight = 0  # requests being handled now
+        self.idle_waiter: asyncio.Future[None] | None = None
+        self.closing = False
+
+    def __call__(self) -> FrontConnection:
+        return FrontConnection(self)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.connections)
+
+    def pre_shutdown(self) -> None:
+        """Stop keeping connections alive: idle ones close now, busy ones after their
+        current answer."""
+        self.closing = True
+        for conn in list(self.connections):
+            conn.close_if_idle()
+
+    async def wait_idle(self) -> None:
+        """Until no request is being handled."""
+        while self.in_flight:
+            self.idle_waiter = self.loop.create_future()
+            try:
+                await self.idle_waiter
+            finally:
+                self.idle_waiter = None
+
+    def cancel_all(self) -> None:
+        """Cancel every request still being handled and drop every connection."""
+        for conn in list(self.connections):
+            conn.cancel()
+
+    async def shutdown(self, timeout: float) -> None:
+        """pre_shutdown, then let requests in flight finish for up to `timeout` s, then
+        cancel what is left."""
+        self.pre_shutdown()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wait_idle(), timeout)
+        self.cancel_all()
+        await asyncio.sleep(0)  # let the cancelled handlers run their clean-up
+
+
+def local_reply(error: RouterError, request_id: str) -> LocalReply:
+    """The JSON answer for `error`, with the request id (and Retry-After on a 503)."""
+    body = json.dumps({"error": error.code, "detail": error.detail, "request_id": request_id})
+    fields = [("Content-Type", "application/json"), ("X-Request-Id", request_id)]
+    if error.status == 503:
+        fields.append(("Retry-After", RETRY_AFTER_SECONDS))
+    # The request itself was at fault: whatever follows on this connection is suspect.
+    return LocalReply(error.status, body.encode(), fields, close=error.source == "downstream")
+
+
+__all__ = [
+    "EMPTY_BODY",
+    "RELAYED_CLOSE",
+    "RELAYED_KEEP_ALIVE",
+    "BodyStream",
+    "FrontConnection",
+    "FrontServer",
+    "Headers",
+    "LocalReply",
+    "Relayed",
+    "Reply",
+    "Request",
+    "local_reply",
+]
