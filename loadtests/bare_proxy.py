@@ -1,14 +1,13 @@
-"""The router's forwarding core alone: aiohttp's low-level server, the router's upstream
-pool and relay (router/upstream.py, router/relay.py), and none of the per-request features.
+"""The router's forwarding core alone: its front (router/front.py), its upstream pool and
+relay (router/upstream.py, router/relay.py), and none of the per-request features.
 
     python loadtests/bare_proxy.py PORT UPSTREAM_URL
 
 No tenant, no decision, no header rules beyond the framing, no metrics, no access log,
 no request id: the request line, Host and Content-Length go upstream, the answer comes
 back through the same `Exchange` the router uses. Its place on the bench's ladder
-(aiohttp_alone > bare_proxy > router) splits the router's cost per request into the
-aiohttp front plus a second pair of socket calls (aiohttp_alone -> bare_proxy) and the
-features (bare_proxy -> router).
+(aiohttp_alone, bare_proxy, router) splits the router's cost per request into the front
+plus a second pair of socket calls (bare_proxy) and the features (bare_proxy -> router).
 """
 
 from __future__ import annotations
@@ -17,19 +16,31 @@ import asyncio
 import sys
 
 import uvloop
-from aiohttp import web
 from common import until_stopped
 
-from router.relay import RELAYED_CLOSE, RELAYED_KEEP_ALIVE, Exchange, encode_response_head
+from router.errors import RouterError
+from router.front import (
+    RELAYED_CLOSE,
+    RELAYED_KEEP_ALIVE,
+    FrontServer,
+    LocalReply,
+    Reply,
+    Request,
+    local_reply,
+)
+from router.relay import Exchange, encode_response_head
 from router.settings import UpstreamSettings
 from router.upstream import UpstreamPool
 
 
-async def serve(port: int, upstream_url: str) -> None:
-    loop = asyncio.get_running_loop()
-    pool = UpstreamPool("upstream", UpstreamSettings(url=upstream_url), loop)
+class BareHandler:
+    """A FrontHandler with nothing but the forwarding."""
 
-    async def handler(request: web.BaseRequest) -> web.StreamResponse:
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+
+    async def __call__(self, request: Request) -> Reply:
+        pool = self.pool
         has_body = request.body_exists
         chunked = has_body and request.content_length is None
         framing = (
@@ -39,7 +50,7 @@ async def serve(port: int, upstream_url: str) -> None:
             else b""
         )  # fmt: skip
         head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s\r\n" % (
-            request.method.encode(), request.raw_path.encode(), pool.authority, framing
+            request.method.encode(), request.target, pool.authority, framing
         )  # fmt: skip
         exchange = Exchange()
         try:
@@ -48,14 +59,40 @@ async def serve(port: int, upstream_url: str) -> None:
                 upstream, "-", None, request.method == "HEAD", 1, request.keep_alive
             )
             await exchange.relay(request, response_head, body_framing, pool.read_timeout)
+        except RouterError as exc:
+            return local_reply(exc, "-")
         finally:
             exchange.finish(pool)
         return RELAYED_KEEP_ALIVE if keep_alive else RELAYED_CLOSE
 
-    server = web.Server(handler, access_log=None, auto_decompress=False)
+    def reject(self, error: RouterError, client: str | None) -> LocalReply:
+        reply = local_reply(error, "-")
+        reply.close = True
+        return reply
+
+    def internal_error(self, request: Request) -> LocalReply:
+        return self.reject(RouterError("internal error"), None)
+
+    def shed_connection(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
+
+    def refuse_connection(
+        self, transport: asyncio.BaseTransport, error: RouterError, log_path: str = "-"
+    ) -> None:
+        transport.close()
+
+
+async def serve(port: int, upstream_url: str) -> None:
+    loop = asyncio.get_running_loop()
+    pool = UpstreamPool("upstream", UpstreamSettings(url=upstream_url), loop)
+    server = FrontServer(
+        BareHandler(pool), loop, max_target=8190, max_field_size=8190, max_headers=100,
+        keepalive_timeout=75.0, header_timeout=10.0, max_connections=100_000,
+    )  # fmt: skip
     listener = await loop.create_server(server, "127.0.0.1", port, backlog=4096)
     await until_stopped()
     listener.close()
+    await server.shutdown(1.0)
     await pool.close()
 
 

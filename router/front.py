@@ -31,10 +31,10 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Iterator, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Final, TypeVar, cast, overload
+from typing import Final, Protocol, TypeVar, cast, overload
 
 import httptools
 
@@ -47,9 +47,6 @@ from router.errors import (
     RouterError,
     UriTooLong,
 )
-
-if TYPE_CHECKING:
-    from router.app import ProxyHandler
 
 log = logging.getLogger("router.front")
 
@@ -75,40 +72,40 @@ class HttpVersion:
 
 _T = TypeVar("_T")
 
+_SINGLE_FIELDS: Final = frozenset({b"host", b"transfer-encoding"})
+_METHODS: Final = {
+    m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+}
 _VERSIONS: Final = {"1.1": HttpVersion(1, 1), "1.0": HttpVersion(1, 0)}
 
 # Header names the router looks up, lower-cased once; any other name is lowered per call.
 _LOWER_NAMES: dict[str, bytes] = {}
 
 
+def _lower_name(name: str) -> bytes:
+    key = name.lower().encode("latin-1")
+    if len(_LOWER_NAMES) < 1024:  # names come from code and configuration: a handful
+        _LOWER_NAMES[name] = key
+    return key
+
+
 class Headers(Mapping[str, str]):
     """Case-insensitive, first-value-wins lookup over a request's raw fields (as aiohttp's
     `headers.get` answers). Values decode as UTF-8 with surrogate escapes, as aiohttp's
-    parser does; the index is built on the first lookup."""
+    parser does. The index (lower-cased name -> first value) is built by the connection
+    in the same pass that checks the framing fields."""
 
     __slots__ = ("_index", "_raw")
 
-    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+    def __init__(
+        self, raw: list[tuple[bytes, bytes]], index: dict[bytes, bytes] | None = None
+    ) -> None:
         self._raw = raw
-        self._index: dict[bytes, bytes] | None = None
-
-    def _build(self) -> dict[bytes, bytes]:
-        index: dict[bytes, bytes] = {}
-        for name, value in self._raw:
-            lname = name.lower()
-            if lname not in index:
-                index[lname] = value
+        if index is None:
+            index = {}
+            for name, value in raw:
+                index.setdefault(name.lower(), value)
         self._index = index
-        return index
-
-    @staticmethod
-    def _key(name: str) -> bytes:
-        key = _LOWER_NAMES.get(name)
-        if key is None:
-            key = name.lower().encode("latin-1")
-            if len(_LOWER_NAMES) < 1024:  # names come from code and configuration
-                _LOWER_NAMES[name] = key
-        return key
 
     @overload
     def get(self, name: str, /) -> str | None: ...
@@ -120,15 +117,17 @@ class Headers(Mapping[str, str]):
     def get(self, name: str, default: _T, /) -> str | _T: ...
 
     def get(self, name: str, default: object = None, /) -> object:
-        index = self._index if self._index is not None else self._build()
-        value = index.get(self._key(name))
+        key = _LOWER_NAMES.get(name)
+        value = self._index.get(key if key is not None else _lower_name(name))
         if value is None:
             return default
         return value.decode("utf-8", "surrogateescape")
 
     def __contains__(self, name: object) -> bool:
-        index = self._index if self._index is not None else self._build()
-        return isinstance(name, str) and self._key(name) in index
+        if not isinstance(name, str):
+            return False
+        key = _LOWER_NAMES.get(name)
+        return (key if key is not None else _lower_name(name)) in self._index
 
     def __getitem__(self, name: str) -> str:
         value: str | None = self.get(name)
@@ -143,7 +142,7 @@ class Headers(Mapping[str, str]):
         return len(self._raw)
 
     def getall(self, name: str) -> list[str]:
-        key = self._key(name)
+        key = _LOWER_NAMES.get(name) or _lower_name(name)
         return [
             value.decode("utf-8", "surrogateescape")
             for lname, value in self._raw
@@ -258,7 +257,7 @@ class Request:
         writer: FrontConnection,
         method: str,
         target: bytes,
-        raw_headers: list[tuple[bytes, bytes]],
+        headers: Headers,
         version: HttpVersion,
         keep_alive: bool,
         content_length: int | None,
@@ -268,8 +267,8 @@ class Request:
         self.method = method
         self.target = target
         self.raw_path = target.decode("latin-1")
-        self.raw_headers = raw_headers
-        self.headers = Headers(raw_headers)
+        self.raw_headers = headers._raw
+        self.headers = headers
         self.version = version
         self.keep_alive = keep_alive
         self.content_length = content_length
@@ -332,7 +331,31 @@ class LocalReply:
 
 
 Reply = Relayed | LocalReply
-Handler = Callable[[Request], Awaitable[Reply]]
+
+
+class FrontHandler(Protocol):
+    """What the connections call: the request handler, and the answers made without one."""
+
+    def __call__(self, request: Request) -> Awaitable[Reply]: ...
+
+    def reject(self, error: RouterError, client: str | None) -> LocalReply:
+        """The answer to a request the parser refused (the connection closes after)."""
+        ...
+
+    def internal_error(self, request: Request) -> LocalReply:
+        """The answer when the handler itself failed."""
+        ...
+
+    def shed_connection(self, transport: asyncio.BaseTransport) -> None:
+        """Refuse a connection over the cap (answer, then close)."""
+        ...
+
+    def refuse_connection(
+        self, transport: asyncio.BaseTransport, error: RouterError, log_path: str = "-"
+    ) -> None:
+        """Answer `error` on a connection with no request to answer, then close it."""
+        ...
+
 
 _date_cache: tuple[int, str] = (0, "")
 
@@ -368,6 +391,7 @@ class FrontConnection(asyncio.Protocol):
         "_head_count",
         "_head_timer",
         "_headers",
+        "_idle_since",
         "_idle_timer",
         "_in_head",
         "_linger_timer",
@@ -414,6 +438,7 @@ class FrontConnection(asyncio.Protocol):
         self._discarding = False  # the handler is done; the rest of its body is dropped
         self._head_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_since = 0.0  # loop.time() the connection last became idle
         self._linger_timer: asyncio.TimerHandle | None = None
         self._write_paused = False
         self._write_waiter: asyncio.Future[None] | None = None
@@ -482,9 +507,6 @@ class FrontConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
         self._feeding = True
         try:
             self._parser.feed_data(data)
@@ -549,37 +571,43 @@ class FrontConnection(asyncio.Protocol):
             self._head_timer.cancel()
             self._head_timer = None
         parser = self._parser
-        content_length: int | None = None
-        chunked = False
-        hosts = 0
+        # One pass: the lookup index (first value wins) and the fields that frame the
+        # request, whose repetition is refused rather than resolved.
+        index: dict[bytes, bytes] = {}
         for name, value in self._headers:
-            size = len(name)
-            if size == 4 and name.lower() == b"host":
-                hosts += 1
-            elif size == 14 and name.lower() == b"content-length":
-                # llhttp already refused malformed and conflicting values.
-                content_length = int(value)
-            elif size == 17 and name.lower() == b"transfer-encoding":
-                if value.strip().lower() != b"chunked" or chunked:
-                    # Only chunked is a coding we can read; anything else would leave the
-                    # body's end unknown (RFC 9112 6.3 says: refuse with 400, then close).
-                    raise BadRequest("unsupported Transfer-Encoding")
-                chunked = True
+            lname = name.lower()
+            if lname not in index:
+                index[lname] = value
+            elif lname in _SINGLE_FIELDS:
+                # Two Host fields could route the tenant by one and reach the backend with
+                # the other (RFC 9112 3.2); two Transfer-Encodings hide the coding.
+                raise BadRequest(f"more than one {name.decode('latin-1')} field")
+        content_length: int | None = None
+        length_field = index.get(b"content-length")
+        if length_field is not None:
+            content_length = int(length_field)  # llhttp already refused malformed values
+        chunked = False
+        coding = index.get(b"transfer-encoding")
+        if coding is not None:
+            if coding.strip().lower() != b"chunked":
+                # Only chunked is a coding we can read; anything else would leave the
+                # body's end unknown (RFC 9112 6.3 says: refuse with 400, then close).
+                raise BadRequest("unsupported Transfer-Encoding")
+            chunked = True
         version = _VERSIONS.get(parser.get_http_version())
         if version is None:
             raise BadRequest("unsupported HTTP version")
-        # RFC 9112 3.2: exactly one Host in HTTP/1.1, at most one in HTTP/1.0 (two could
-        # route the tenant by one and reach the backend with the other).
-        if hosts > 1 or (hosts == 0 and version.minor == 1):
-            raise BadRequest("a request needs exactly one Host field")
+        if version.minor == 1 and b"host" not in index:
+            raise BadRequest("an HTTP/1.1 request needs a Host field")  # RFC 9112 3.2
         if chunked and version.minor == 0:
             # HTTP/1.0 has no chunked coding (RFC 9112 6.1): its end would be ambiguous.
             raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        method = parser.get_method()
         request = Request(
             self,
-            parser.get_method().decode("ascii"),
+            _METHODS.get(method) or method.decode("ascii"),
             self._url,
-            self._headers,
+            Headers(self._headers, index),
             version,
             bool(parser.should_keep_alive()) and not self._server.closing,
             content_length,
@@ -747,18 +775,30 @@ class FrontConnection(asyncio.Protocol):
     # ---- timers and refusals -----------------------------------------------------------
 
     def _arm_idle(self) -> None:
+        """The connection is idle from now: it closes after keepalive_timeout unless a
+        request comes. One timer per connection, not per request: it is left running and
+        re-armed for the rest of the time when it fires early (see _idle)."""
         if self._server.closing:
             if self.transport is not None:
                 self.transport.close()
             return
+        self._idle_since = self.loop.time()
         if self._idle_timer is None and self.transport is not None:
             self._idle_timer = self.loop.call_later(self._server.keepalive_timeout, self._idle)
 
     def _idle(self) -> None:
         self._idle_timer = None
-        idle = self._current is None and not self._pipeline and not self._in_head
-        if idle and self.transport is not None:
-            self.transport.close()
+        if self.transport is None:
+            return
+        timeout = self._server.keepalive_timeout
+        if self._current is not None or self._pipeline or self._in_head:
+            delay = timeout  # busy: _arm_idle runs again when it is done
+        else:
+            delay = self._idle_since + timeout - self.loop.time()
+            if delay <= 0:
+                self.transport.close()
+                return
+        self._idle_timer = self.loop.call_later(delay, self._idle)
 
     def _head_too_slow(self) -> None:
         self._head_timer = None
@@ -834,7 +874,7 @@ class FrontServer:
 
     def __init__(
         self,
-        handler: ProxyHandler,
+        handler: FrontHandler,
         loop: asyncio.AbstractEventLoop,
         *,
         max_target: int,

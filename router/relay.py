@@ -238,7 +238,7 @@ def encode_response_head(
     """
     status = upstream.status
     headers = upstream.headers
-    named = connection_tokens(headers) if upstream.has_connection else _NOTHING
+    named = connection_tokens(headers) if upstream.has_connection_options else _NOTHING
     parts = [status_line(client_minor, status)]
     extend = parts.extend
     for name, value in headers:

@@ -59,12 +59,16 @@ _LOW_WATER: Final = 64 * 1024
 # Lengths of "connection", "content-length" and "transfer-encoding".
 _FRAMING_NAME_LENGTHS: Final = frozenset({10, 14, 17})
 
+_PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})
+
 MAX_RESPONSE_HEADERS: Final = 200
 MAX_RESPONSE_HEAD_BYTES: Final = 64 * 1024
 
 
 class UpstreamResponse:
-    __slots__ = ("chunked", "content_length", "has_connection", "headers", "keep_alive", "status")
+    __slots__ = (
+        "chunked", "content_length", "has_connection_options", "headers", "keep_alive", "status"
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -73,14 +77,15 @@ class UpstreamResponse:
         content_length: int | None,
         chunked: bool,
         keep_alive: bool,
-        has_connection: bool,
+        has_connection_options: bool,
     ) -> None:
         self.status = status
         self.headers = headers
         self.content_length = content_length
         self.chunked = chunked
         self.keep_alive = keep_alive
-        self.has_connection = has_connection  # a Connection field (it may name more hop-by-hop)
+        # A Connection field with more than keep-alive/close: it names hop-by-hop fields.
+        self.has_connection_options = has_connection_options
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -110,6 +115,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_write_paused",
         "closed",
         "eof",
+        "head_deadline",
         "idle_since",
         "pool",
         "requests",
@@ -125,6 +131,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = False
         self.eof = False  # the upstream sent FIN: never reuse
         self.idle_since = 0.0
+        self.head_deadline = 0.0  # loop.time() by which a response head must come (0: none)
         self.requests = 0  # requests served on this connection (0 = fresh)
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -232,13 +239,16 @@ class UpstreamConnection(asyncio.Protocol):
         self._status = status
         content_length: int | None = None
         chunked = False
-        has_connection = False
+        has_connection_options = False
         for name, value in self._headers:
             if len(name) not in _FRAMING_NAME_LENGTHS:
                 continue  # most fields: not one of the three below, no lower() needed
             lname = name.lower()
             if lname == b"connection":
-                has_connection = True
+                # Only a Connection field naming other fields needs the relay's attention
+                # (they are hop-by-hop too); `keep-alive` and `close` name none.
+                if value.lower() not in _PLAIN_CONNECTION:
+                    has_connection_options = True
             elif lname == b"content-length":
                 # llhttp already rejects malformed and conflicting values.
                 content_length = int(value)
@@ -253,10 +263,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._chunked = chunked
         self._keep_alive = bool(parser.should_keep_alive())
         response = UpstreamResponse(
-            status, self._headers, content_length, chunked, self._keep_alive, has_connection
+            status, self._headers, content_length, chunked, self._keep_alive, has_connection_options
         )
         waiter = self._head_waiter
-        self._cancel_timer()
+        self.head_deadline = 0.0  # the head is here: the sweeper must not fail it now
         if self._expect_no_body or status in (204, 304):
             # A response to HEAD carries no body whatever its Content-Length says; llhttp
             # cannot be told so, so the message ends here and the next request gets a
@@ -321,12 +331,16 @@ class UpstreamConnection(asyncio.Protocol):
     async def response_head(self, timeout: float) -> UpstreamResponse:
         waiter = self._head_waiter
         assert waiter is not None
-        if not waiter.done():
-            self._timer = self._loop.call_later(timeout, self._on_head_timeout)
+        if waiter.done():
+            return waiter.result()
+        # A deadline the pool's sweeper checks, not a timer per request: uvloop's
+        # call_later + cancel costs about a microsecond, paid on every request.
+        self.head_deadline = self._loop.time() + timeout
+        self.pool.watch_head_deadlines(timeout)
         try:
             return await waiter
         finally:
-            self._cancel_timer()
+            self.head_deadline = 0.0
 
     async def read(self, timeout: float) -> bytes:
         """Next chunk of the response body; b"" once the body is complete."""
@@ -415,8 +429,9 @@ class UpstreamConnection(asyncio.Protocol):
         if not self._status:
             self._fail(UpstreamReset("upstream closed the connection before responding"))
 
-    def _on_head_timeout(self) -> None:
-        self._timer = None
+    def on_head_timeout(self) -> None:
+        """Called by the pool's sweeper once head_deadline has passed."""
+        self.head_deadline = 0.0
         self._fail(UpstreamTimeout("no response headers from upstream in time"))
 
     def _on_write_timeout(self) -> None:
@@ -479,6 +494,8 @@ class UpstreamPool:
         self._connecting = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._sweeper: asyncio.TimerHandle | None = None
+        self._head_sweeper: asyncio.TimerHandle | None = None
+        self._head_tick = 0.5
         self._closing = False
 
     # ---- stats (metrics, readiness) ----------------------------------------------------
@@ -589,6 +606,30 @@ class UpstreamPool:
                 waiter.set_result(None)
                 return
 
+    def watch_head_deadlines(self, timeout: float) -> None:
+        """Make sure a sweeper checks the connections' response-head deadlines. It ticks at
+        a tenth of the timeout (10 ms to 0.5 s): a timeout fires at most that late."""
+        if self._head_sweeper is None and not self._closing:
+            self._head_tick = min(max(timeout / 10, 0.01), 0.5)
+            self._head_sweeper = self.loop.call_later(self._head_tick, self._sweep_heads)
+
+    def _sweep_heads(self) -> None:
+        self._head_sweeper = None
+        now = self.loop.time()
+        expired = []
+        waiting = False
+        for conn in self._all:
+            deadline = conn.head_deadline
+            if deadline:
+                if deadline <= now:
+                    expired.append(conn)
+                else:
+                    waiting = True
+        for conn in expired:
+            conn.on_head_timeout()  # fails the request, drops the connection
+        if waiting and not self._closing:
+            self._head_sweeper = self.loop.call_later(self._head_tick, self._sweep_heads)
+
     def _sweep(self) -> None:
         """Close connections idle for idle_timeout; the oldest are at the left."""
         self._sweeper = None
@@ -603,9 +644,10 @@ class UpstreamPool:
 
     async def close(self) -> None:
         self._closing = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        for timer in (self._sweeper, self._head_sweeper):
+            if timer is not None:
+                timer.cancel()
+        self._sweeper = self._head_sweeper = None
         for conn in list(self._all):
             conn.abort()
         self._idle.clear()
