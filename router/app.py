@@ -1,10 +1,11 @@
 """Composition root: builds the pieces from Settings and runs the phases for each request.
 
-    identify (tenant.py) -> decide (routing.py) -> forward + relay (relay.py, upstream.py)
+    parse (front.py) -> identify (tenant.py) -> decide (routing.py)
+    -> forward + relay (relay.py, upstream.py)
     -> record (metrics.py, accesslog.py): always, even on error.
 
 `RouterApp` owns everything with a start and an end (flag client, upstream pools, access
-log); `ProxyHandler` is the per-request function aiohttp's low-level server calls.
+log); `ProxyHandler` is the per-request function the client connections (front.py) call.
 """
 
 from __future__ import annotations

@@ -385,6 +385,7 @@ class FrontConnection(asyncio.Protocol):
         "_body_paused",
         "_current",
         "_deferred",
+        "_discarded",
         "_discarding",
         "_feeding",
         "_head_bytes",
@@ -436,6 +437,7 @@ class FrontConnection(asyncio.Protocol):
         self._body_paused = False
         self._refused = False  # the parser refused something: read no more
         self._discarding = False  # the handler is done; the rest of its body is dropped
+        self._discarded = 0  # bytes of it dropped so far
         self._head_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0  # loop.time() the connection last became idle
@@ -712,11 +714,20 @@ class FrontConnection(asyncio.Protocol):
         if not content.is_eof():
             # Answered before the whole body came (an early error, an upstream that did not
             # read it): read and drop the rest, then carry on, so the client reads the
-            # answer rather than a reset. Bounded in time and bytes.
+            # answer rather than a reset. Bounded in time and bytes. Not after Expect:
+            # 100-continue, where the client may never send the body, and its next request
+            # would be read as body.
             assert isinstance(content, BodyStream)
+            length = request.content_length
+            if "Expect" in request.headers or (
+                length is not None and length - content.total > _LINGER_BYTES
+            ):
+                transport.close()
+                return
             content.unread_all()
             self._current = request
             self._discarding = True
+            self._discarded = 0
             self.resume_reading_for_body()
             self._linger_timer = self.loop.call_later(_LINGER_SECONDS, self._linger_over)
             return
@@ -727,15 +738,17 @@ class FrontConnection(asyncio.Protocol):
         if self._pipeline:
             if self._pipeline_paused and len(self._pipeline) <= _MAX_PIPELINED // 2:
                 self._pipeline_paused = False
-                if self.transport is not None:
+                # Two reasons to pause reading (a full pipeline, a body nobody reads yet):
+                # reading resumes when neither holds.
+                if self.transport is not None and not self._body_paused:
                     self.transport.resume_reading()
             self._start(self._pipeline.popleft())
         else:
             self._arm_idle()
 
     def _discard(self, size: int) -> None:
-        self._head_bytes += size  # reused as the count of bytes dropped
-        if self._head_bytes > _LINGER_BYTES:
+        self._discarded += size
+        if self._discarded > _LINGER_BYTES:
             self._linger_over()
 
     def _linger_over(self) -> None:

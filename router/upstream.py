@@ -50,7 +50,8 @@ from router.settings import UpstreamSettings
 RETRYABLE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 # Response body bytes buffered per connection before the socket is paused. Together with
-# aiohttp's own write buffer this bounds memory per in-flight request whatever the sizes.
+# the client transport's write buffer this bounds memory per in-flight request, whatever
+# the sizes.
 _HIGH_WATER: Final = 256 * 1024
 _LOW_WATER: Final = 64 * 1024
 
