@@ -404,6 +404,7 @@ class FrontConnection(asyncio.Protocol):
         "_server",
         "_task",
         "_url",
+        "_wake",
         "_write_paused",
         "_write_waiter",
         "closing",
@@ -426,7 +427,8 @@ class FrontConnection(asyncio.Protocol):
         self._in_head = False  # bytes of a request head arrived, its end not yet
         self._parsing: Request | None = None  # the request whose body is being parsed
         self._current: Request | None = None  # the request being handled
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # the connection's (_serve)
+        self._wake: asyncio.Future[None] | None = None  # set while _serve is parked
         # While a read is parsed, a request it completes waits for the end of the read
         # before its handler starts: an error later in the same bytes (a bad chunk) then
         # refuses it whole, before anything is sent upstream.
@@ -474,6 +476,8 @@ class FrontConnection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
         self._head_timer = self._idle_timer = self._linger_timer = None
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)  # a parked _serve sees the transport gone and ends
         gone = ConnectionResetError("client disconnected")
         for request in (self._current, self._parsing, *self._pipeline):
             if isinstance(request, Request) and not request.content.is_eof():
@@ -527,10 +531,9 @@ class FrontConnection(asyncio.Protocol):
             return
         finally:
             self._feeding = False
-            deferred = self._deferred
-            if deferred is not None:
+            if self._deferred is not None:
                 self._deferred = None
-                self._task = self.loop.create_task(self._handle(deferred))
+                self._resume()
         if self._in_head:
             # llhttp holds an unfinished field line until its end, so a line that never
             # ends would grow without bound: count raw bytes of the head too.
@@ -663,7 +666,31 @@ class FrontConnection(asyncio.Protocol):
         if self._feeding:
             self._deferred = item
         else:
-            self._task = self.loop.create_task(self._handle(item))
+            self._resume()
+
+    def _resume(self) -> None:
+        """Have the connection's task handle `_current`: start the task on the first
+        request, wake it on the next ones. One task per connection, parked between
+        requests, rather than one per request: creating (and registering) a task costs
+        more than a wake-up."""
+        if self._task is None or self._task.done():
+            self._task = self.loop.create_task(self._serve())
+        elif self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def _serve(self) -> None:
+        """Handle the connection's requests in turn, then park until the next one (or the
+        connection's end)."""
+        while self.transport is not None:
+            request = self._current
+            if request is None or self._discarding:
+                self._wake = self.loop.create_future()
+                try:
+                    await self._wake
+                finally:
+                    self._wake = None
+                continue
+            await self._handle(request)
 
     async def _handle(self, request: Request) -> None:
         server = self._server
@@ -672,8 +699,8 @@ class FrontConnection(asyncio.Protocol):
         try:
             try:
                 reply = await server.handler(request)
-            except (ConnectionError, asyncio.CancelledError):
-                return  # the client is gone, or shutdown ran out of patience: just close
+            except ConnectionError:
+                return  # the client is gone: just close
             except Exception:  # the handler answers its own errors; this is a last resort
                 log.exception("error handling request")
                 if self.output_size or self.transport is None:
@@ -703,7 +730,6 @@ class FrontConnection(asyncio.Protocol):
     def _done(self, request: Request, keep_alive: bool) -> None:
         """The answer to `request` is written: on to the next one, or close."""
         self._current = None
-        self._task = None
         transport = self.transport
         if transport is None:
             return
@@ -758,19 +784,32 @@ class FrontConnection(asyncio.Protocol):
 
     # ---- writing -----------------------------------------------------------------------
 
-    async def write(self, data: bytes) -> None:
-        """Write part of an answer, waiting while the client is not reading."""
+    def send(self, data: bytes) -> bool:
+        """Write part of an answer now; True when the client is not keeping up and the
+        caller must `await drain()` before writing more. (A coroutine per write, as
+        write() is, costs more than the write itself for a small answer.)"""
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("client disconnected")
         self.output_size += len(data)
         transport.write(data)
+        return self._write_paused
+
+    async def drain(self) -> None:
+        """Wait until the client reads again (its socket buffer drained)."""
         if self._write_paused:
+            if self.transport is None:
+                raise ConnectionResetError("client disconnected")
             waiter = self._write_waiter = self.loop.create_future()
             try:
                 await waiter
             finally:
                 self._write_waiter = None
+
+    async def write(self, data: bytes) -> None:
+        """Write part of an answer, waiting while the client is not reading."""
+        if self.send(data):
+            await self.drain()
 
     # ---- flow control of request bodies ------------------------------------------------
 

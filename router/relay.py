@@ -308,10 +308,17 @@ class Exchange:
         try:
             if has_body:
                 return await self._attempt(conn, request, pool, head, chunked, body_limit)
-            # No body (most requests): the same as _attempt, one coroutine fewer.
+            # No body (most requests): the same as _attempt, two coroutines fewer.
             self.conn = conn
             conn.start_request(head, request.method == "HEAD")
-            return await conn.response_head(pool.response_header_timeout)
+            waiter = conn.head_waiter
+            if not waiter.done():
+                conn.expect_head_by(pool.response_header_timeout)
+                try:
+                    await waiter
+                finally:
+                    conn.head_deadline = 0.0
+            return waiter.result()
         except UpstreamReset:
             # A reused connection that died before any byte of a response came back: the
             # upstream closed it as we reused it (the stale-connection race). Resend once on
@@ -407,9 +414,11 @@ class Exchange:
         body piece as relayed (shadow.py's digest of legacy's answer)."""
         conn = self.conn
         assert conn is not None
-        write = request.writer.write
+        writer = request.writer
+        write = writer.write
         if framing == HEAD_ONLY:
-            await write(head)
+            if writer.send(head):
+                await writer.drain()
             return
         # Whatever body arrived with the head goes out in the same write: for a small
         # response, that is the whole of it, in one syscall.
@@ -423,7 +432,8 @@ class Exchange:
         done = conn.body_complete
         if done and framing == CHUNKED:
             body += _CHUNK_END
-        await write(head + body if body else head)
+        if writer.send(head + body if body else head):
+            await writer.drain()
         if done:
             return
         try:
