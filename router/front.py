@@ -239,12 +239,14 @@ class Request:
     """One parsed request: the raw request target and fields, as the client sent them."""
 
     __slots__ = (
+        "body_exists",
         "chunked",
         "content",
         "content_length",
         "headers",
         "keep_alive",
         "method",
+        "peer",
         "raw_headers",
         "raw_path",
         "target",
@@ -273,19 +275,13 @@ class Request:
         self.keep_alive = keep_alive
         self.content_length = content_length
         self.chunked = chunked
+        self.body_exists = chunked or bool(content_length)
+        self.peer = writer.peer  # the client's address
         self.content: BodyStream | _EmptyBody = EMPTY_BODY
-
-    @property
-    def body_exists(self) -> bool:
-        return self.chunked or bool(self.content_length)
 
     @property
     def transport(self) -> asyncio.Transport | None:
         return self.writer.transport
-
-    @property
-    def peer(self) -> str:
-        return self.writer.peer
 
 
 class Relayed:
