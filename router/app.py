@@ -235,7 +235,8 @@ class ProxyHandler:
                     )
                     raise Overloaded("the router is overloaded; retry")
                 request_target, host = origin_form(request)
-                path = request_target.decode("latin-1")
+                if request_target is not request.target:  # was absolute-form
+                    path = request_target.decode("latin-1")
                 headers = request.headers
                 # Phase 1: identify
                 tenant, _source = self._identify(headers, host, path)

@@ -133,7 +133,9 @@ def build_request_head(
     connection_named = (
         connection_tokens(raw_headers) if "Connection" in request.headers else _NOTHING
     )
-    host_bytes = host.encode("latin-1")
+    # Back to the bytes the client sent: field values decode as UTF-8 with surrogate
+    # escapes (front.Headers), so any byte llhttp let through round-trips.
+    host_bytes = host.encode("utf-8", "surrogateescape")
     parts = [
         request.method.encode("ascii"),
         b" ",
@@ -484,10 +486,10 @@ def origin_form(request: Request) -> tuple[bytes, str]:
     identification and X-Forwarded-Host), never the upstream, which is chosen from
     configuration alone. This is not an open proxy.
     """
-    raw = request.raw_path
     host = request.headers.get("Host", "")
-    if raw.startswith("/"):
-        return raw.encode("latin-1"), host
+    if request.target[:1] == b"/":
+        return request.target, host
+    raw = request.raw_path
     if raw == "*" and request.method == "OPTIONS":
         return b"*", host
     if raw.lower().startswith(("http://", "https://")):

@@ -18,6 +18,7 @@ import base64
 import json
 import re
 from collections.abc import Callable, Mapping
+from typing import Final
 from urllib.parse import unquote
 
 from router.settings import (
@@ -163,8 +164,13 @@ def _build(spec: HeaderExtractor | JwtExtractor | HostExtractor | PathExtractor)
     return _path(spec)
 
 
+# Tenant ids seen valid, so the pattern runs once per id rather than once per request;
+# cleared when full, so ids a client makes up cannot grow it without bound.
+_KNOWN_VALID_MAX: Final = 65536
+
+
 class TenantIdentifier:
-    __slots__ = ("_extractors", "_max_length", "_valid")
+    __slots__ = ("_extractors", "_known_valid", "_max_length", "_valid")
 
     def __init__(self, settings: TenantSettings) -> None:
         # The source label is the settings' own discriminator ("header", "jwt", ...).
@@ -173,6 +179,7 @@ class TenantIdentifier:
         )
         self._max_length = settings.max_length
         self._valid = _VALID_TENANT.fullmatch
+        self._known_valid: set[str] = set()
 
     def is_valid(self, tenant: str) -> bool:
         """The rule every extracted tenant id passes (also for ids typed by operators)."""
@@ -183,10 +190,16 @@ class TenantIdentifier:
     ) -> tuple[str | None, str]:
         """Return (tenant, source). source is the extractor type that matched ("header",
         "jwt", "host", "path"), or "none" when no tenant was found (tenant is then None)."""
-        max_length = self._max_length
-        valid = self._valid
+        known = self._known_valid
         for source, extract in self._extractors:
             tenant = extract(headers, host, raw_path)
-            if tenant is not None and 0 < len(tenant) <= max_length and valid(tenant):
+            if tenant is None:
+                continue
+            if tenant in known:
+                return tenant, source
+            if self.is_valid(tenant):
+                if len(known) >= _KNOWN_VALID_MAX:
+                    known.clear()
+                known.add(tenant)
                 return tenant, source
         return None, "none"

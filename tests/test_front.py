@@ -173,3 +173,13 @@ def test_headers_lookup_is_case_insensitive_first_value_wins() -> None:
     assert len(headers) == 4
     with pytest.raises(KeyError):
         headers["X-Missing"]
+
+
+async def test_host_bytes_outside_utf8_are_relayed_as_sent(router: RunningRouter) -> None:
+    """llhttp lets obs-text through in field values; a Host with such bytes reaches the
+    upstream byte for byte (as X-Forwarded-Host), rather than failing in a re-encoding."""
+    data = b"GET /echo HTTP/1.1\r\nHost: caf\xe9\xff.test\r\nX-Tenant-Id: acme\r\n\r\n"
+    reply = await exchange(router.port, data)
+    assert reply.status == 200, reply
+    seen = {name.lower(): value for name, value in reply.json()["headers"]}
+    assert seen["x-forwarded-host"] == b"caf\xe9\xff.test".decode("latin-1")
