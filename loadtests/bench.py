@@ -10,10 +10,10 @@ A B C D ... for several rounds so drift hits them all alike; medians, then ratio
   router         `router serve`, 1 worker, 1,000-tenant flag file, metrics and access
                  log on (to a file), debug headers off
   peer           ../shared/peers/naive_aiohttp_proxy.py (aiohttp server + ClientSession)
-  bare_proxy     the router's forwarding core alone (aiohttp front, its upstream pool and
-                 relay) with none of its per-request features: what those features cost
+  bare_proxy     the router's forwarding core alone (its front, upstream pool and relay)
+                 with none of its per-request features: what those features cost
   aiohttp_alone  aiohttp's low-level web.Server answering the same bodies itself: the
-                 ceiling of any aiohttp front
+                 ceiling of an aiohttp front (the router's front is its own, front.py)
   nginx          nginx proxy_pass with an upstream keepalive pool, 1 worker
 Scenarios: small, 64k, post1m (wrk, or loadgen.py closed where wrk is missing), rate1000
 (open-loop generator, loadgen.py), stream (1 GiB each way through the router, RSS

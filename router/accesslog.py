@@ -20,11 +20,6 @@ import time
 from json.encoder import encode_basestring_ascii
 from typing import IO, Any, Final
 
-_LINE: Final = (
-    '{"ts":%.3f,"type":"access","request_id":"%s","tenant":%s,"target":"%s","reason":"%s",'
-    '"method":"%s","path":%s,"status":%d,"bytes_in":%d,"bytes_out":%d,"duration_ms":%.3f,'
-    '"upstream_ms":%s,"error":%s,"client":%s}\n'
-)
 _escape: Final = encode_basestring_ascii
 _FLUSH_DELAY: Final = 0.05
 _FLUSH_LINES: Final = 256
@@ -36,28 +31,43 @@ _Entry = tuple[
 
 
 def _format(entry: _Entry) -> str:
-    """One JSON line. A format string, not json.dumps of a dict (a quarter of the cost).
+    """One JSON line. An f-string, not json.dumps of a dict (a fifth of the cost).
     Fields that can carry client bytes (tenant, path, client) are escaped by json's own C
-    encoder; the others come from fixed vocabularies or were validated (request id:
-    _REQUEST_ID in relay.py; method: an HTTP token)."""
+    encoder (tenant and client through a small cache: they repeat); the others come from
+    fixed vocabularies or were validated (request id: _REQUEST_ID in relay.py; method: an
+    HTTP token)."""
     (ts, request_id, tenant, target, reason, method, path, status, bytes_in, bytes_out,
      duration_ms, upstream_ms, error, client) = entry  # fmt: skip
-    return _LINE % (
-        ts,
-        request_id,
-        "null" if tenant is None else _escape(tenant),
-        target,
-        reason,
-        method,
-        _escape(path),
-        status,
-        bytes_in,
-        bytes_out,
-        duration_ms,
-        "null" if upstream_ms is None else f"{upstream_ms:.3f}",
-        "null" if error is None else f'"{error}"',
-        "null" if client is None else _escape(client),
+    escaped = _ESCAPED
+    tenant_json = escaped.get(tenant)
+    if tenant_json is None:
+        tenant_json = _escape_cached(tenant)
+    client_json = escaped.get(client)
+    if client_json is None:
+        client_json = _escape_cached(client)
+    upstream = "null" if upstream_ms is None else f"{upstream_ms:.3f}"
+    error_json = "null" if error is None else f'"{error}"'
+    return (
+        f'{{"ts":{ts:.3f},"type":"access","request_id":"{request_id}","tenant":{tenant_json},'
+        f'"target":"{target}","reason":"{reason}","method":"{method}","path":{_escape(path)},'
+        f'"status":{status},"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
+        f'"duration_ms":{duration_ms:.3f},"upstream_ms":{upstream},"error":{error_json},'
+        f'"client":{client_json}}}\n'
     )
+
+
+# str (or None) -> its JSON form; tenants and client addresses repeat from line to line.
+_ESCAPED: dict[str | None, str] = {None: "null"}
+
+
+def _escape_cached(value: str | None) -> str:
+    if value is None:
+        return "null"
+    if len(_ESCAPED) >= 4096:  # bounded: both come from clients
+        _ESCAPED.clear()
+        _ESCAPED[None] = "null"
+    result = _ESCAPED[value] = _escape(value)
+    return result
 
 
 class AccessLog:
