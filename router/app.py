@@ -307,7 +307,9 @@ class ProxyHandler:
                     request.keep_alive,
                 )
                 if shadow is None:
-                    await exchange.relay(request, response_head, framing, pool.read_timeout)
+                    # A small answer is written whole without a coroutine (relay_start).
+                    if not exchange.relay_start(request, response_head, framing):
+                        await exchange.relay_rest(request, framing, pool.read_timeout)
                 else:
                     shadow.legacy_head(upstream)
                     await exchange.relay(

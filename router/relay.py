@@ -279,7 +279,10 @@ def encode_response_head(
 class Exchange:
     """One request/response through an upstream pool, with byte counts for the record phase."""
 
-    __slots__ = ("body_task", "body_timeout", "bytes_in", "bytes_out", "conn", "connect_seconds")
+    __slots__ = (
+        "body_pending", "body_task", "body_timeout", "bytes_in", "bytes_out", "conn",
+        "connect_seconds", "drain_pending",
+    )  # fmt: skip
 
     def __init__(self, body_timeout: float = 60.0) -> None:
         self.body_timeout = body_timeout  # longest wait for the client's next body bytes
@@ -288,6 +291,9 @@ class Exchange:
         self.bytes_in = 0
         self.bytes_out = 0
         self.connect_seconds = 0.0  # time to open a new connection (0 when one was reused)
+        # Left for relay_rest() by relay_start(): a drain, the rest of the body.
+        self.drain_pending = False
+        self.body_pending = False
 
     async def send(
         self,
@@ -414,16 +420,27 @@ class Exchange:
         """Write the response head, then stream the body; on upstream failure, abort the
         client connection (a truncated body must not look complete). `tap` sees every
         body piece as relayed (shadow.py's digest of legacy's answer)."""
+        if not self.relay_start(request, head, framing, tap):
+            await self.relay_rest(request, framing, read_timeout, tap)
+
+    def relay_start(
+        self,
+        request: Request,
+        head: bytes,
+        framing: int,
+        tap: Callable[[bytes], None] | None = None,
+    ) -> bool:
+        """relay()'s first step, without a coroutine: the head and whatever body arrived
+        with it, in one write (for a small answer, the whole of it, in one syscall).
+        True when that was all: the answer is complete and the client keeps up; else
+        `await relay_rest(...)` finishes the job."""
         conn = self.conn
         assert conn is not None
         writer = request.writer
-        write = writer.write
         if framing == HEAD_ONLY:
-            if writer.send(head):
-                await writer.drain()
-            return
-        # Whatever body arrived with the head goes out in the same write: for a small
-        # response, that is the whole of it, in one syscall.
+            self.drain_pending = writer.send(head)
+            self.body_pending = False
+            return not self.drain_pending
         body = conn.take_buffered()
         if body:
             self.bytes_out += len(body)
@@ -434,10 +451,26 @@ class Exchange:
         done = conn.body_complete
         if done and framing == CHUNKED:
             body += _CHUNK_END
-        if writer.send(head + body if body else head):
+        self.drain_pending = writer.send(head + body if body else head)
+        self.body_pending = not done
+        return done and not self.drain_pending
+
+    async def relay_rest(
+        self,
+        request: Request,
+        framing: int,
+        read_timeout: float,
+        tap: Callable[[bytes], None] | None = None,
+    ) -> None:
+        """The rest of relay() after relay_start() returned False."""
+        writer = request.writer
+        if self.drain_pending:
             await writer.drain()
-        if done:
+        if not self.body_pending:
             return
+        conn = self.conn
+        assert conn is not None
+        write = writer.write
         try:
             while True:
                 chunk = await conn.read(read_timeout)
