@@ -183,3 +183,22 @@ async def test_host_bytes_outside_utf8_are_relayed_as_sent(router: RunningRouter
     assert reply.status == 200, reply
     seen = {name.lower(): value for name, value in reply.json()["headers"]}
     assert seen["x-forwarded-host"] == b"caf\xe9\xff.test".decode("latin-1")
+
+
+async def test_upgrade_request_answered_then_closed(router: RunningRouter) -> None:
+    """`Connection: Upgrade` (curl --http2 on plain HTTP sends `Upgrade: h2c`): the router
+    relays no protocol switch. The request is answered as plain HTTP/1.1 without the
+    Upgrade field reaching the backend; what follows on the connection is not read as
+    HTTP, and the connection closes."""
+    async with connect(router.port) as (reader, writer):
+        writer.write(
+            b"GET /echo HTTP/1.1\r\nHost: a\r\nX-Tenant-Id: acme\r\nConnection: Upgrade, "
+            b"HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+            + request("GET", "/hello", tenant="acme")
+        )
+        reply = await read_reply(reader)
+        rest = await rest_until_close(reader)
+    assert reply.status == 200
+    seen = {name.lower() for name, _ in reply.json()["headers"]}
+    assert not seen & {"upgrade", "connection", "http2-settings"}, seen
+    assert rest == b""
