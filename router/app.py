@@ -13,16 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import json
 import logging
 import os
 import time
-from http import HTTPStatus
 from typing import Any, cast
 
 from router.accesslog import AccessLog
 from router.errors import (
-    RETRY_AFTER_SECONDS,
     BodyTooLarge,
     HoldTimeout,
     MethodNotAllowed,
@@ -60,10 +57,6 @@ from router.upstream import UpstreamPool
 from router.workers import WorkerInfo
 
 log = logging.getLogger("router.app")
-
-
-def error_response(error: RouterError, request_id: str) -> LocalReply:
-    return local_reply(error, request_id)
 
 
 class RequestIds:
@@ -131,7 +124,7 @@ class ProxyHandler:
         same JSON body, a request id, and a record phase like every other local reply.
         Whatever follows on the connection cannot be trusted: it closes after."""
         request_id = self._record_refusal(error, "-", client)
-        reply = error_response(error, request_id)
+        reply = local_reply(error, request_id)
         reply.close = True
         return reply
 
@@ -169,16 +162,9 @@ class ProxyHandler:
     ) -> None:
         """Answer `error` on a connection with no request to answer (over the connection
         cap, or a head too slow to arrive), then close it; recorded like other replies."""
-        request_id = self._record_refusal(error, log_path, None)
-        body = json.dumps({"error": error.code, "detail": error.detail, "request_id": request_id})
-        retry_after = f"Retry-After: {RETRY_AFTER_SECONDS}\r\n" if error.status == 503 else ""
-        head = (
-            f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{retry_after}"
-            f"X-Request-Id: {request_id}\r\nConnection: close\r\n\r\n"
-        )
+        reply = local_reply(error, self._record_refusal(error, log_path, None))
         writable = cast(asyncio.WriteTransport, transport)
-        writable.write(head.encode() + body.encode())
+        writable.write(reply.encode(1, keep_alive=False, head_request=False))
         writable.close()
 
     async def _held(
@@ -328,7 +314,7 @@ class ProxyHandler:
                     # connection; there is nothing more to say to it.
                     raise ConnectionResetError(exc.detail) from None
                 status = exc.status
-                return error_response(exc, request_id)
+                return local_reply(exc, request_id)
         except (ConnectionError, asyncio.CancelledError):
             error = error or "client_disconnected"
             raise
@@ -336,7 +322,7 @@ class ProxyHandler:
             log.exception("unexpected error", extra={"request_id": request_id})
             error = "internal_error"
             status = 500
-            return error_response(RouterError("internal error"), request_id)
+            return local_reply(RouterError("internal error"), request_id)
         finally:
             # Phase 5: record, always.
             if exchange is not None and pool is not None:

@@ -311,22 +311,34 @@ class LocalReply:
         self.close = close  # the connection closes after it
 
     def encode(self, minor: int, keep_alive: bool, head_request: bool) -> bytes:
-        try:
-            phrase = HTTPStatus(self.status).phrase
-        except ValueError:
-            phrase = ""
-        lines = [f"HTTP/1.{minor} {self.status} {phrase}", f"Date: {http_date()}"]
+        lines = [f"Date: {http_date()}"]
         lines.extend(f"{name}: {value}" for name, value in self.fields)
         lines.append(f"Content-Length: {len(self.body)}")
         if not keep_alive:
             lines.append("Connection: close")
         elif minor == 0:
             lines.append("Connection: keep-alive")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        head = status_line(minor, self.status) + ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         return head if head_request else head + self.body
 
 
 Reply = Relayed | LocalReply
+
+_STATUS_LINES: dict[tuple[int, int], bytes] = {}
+
+
+def status_line(minor: int, status: int) -> bytes:
+    """`HTTP/1.x NNN Phrase\\r\\n`, built once per (version, status): RFC 9110's phrase, or
+    none for codes it does not name (the reason phrase carries no meaning). For relayed
+    answers (relay.py) and local ones alike."""
+    line = _STATUS_LINES.get((minor, status))
+    if line is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+        line = _STATUS_LINES[(minor, status)] = f"HTTP/1.{minor} {status} {phrase}\r\n".encode()
+    return line
 
 
 class FrontHandler(Protocol):

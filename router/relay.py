@@ -22,13 +22,12 @@ import asyncio
 import re
 import time
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import Final
 
 from yarl import URL
 
 from router.errors import BadRequest, BodyTooLarge, ClientTimeout, RouterError, UpstreamReset
-from router.front import Request
+from router.front import Request, status_line
 from router.upstream import RETRYABLE_METHODS, UpstreamConnection, UpstreamPool, UpstreamResponse
 
 HOP_BY_HOP: Final = frozenset(
@@ -208,21 +207,6 @@ HEAD_ONLY: Final = 0  # HEAD, 204, 304: no body whatever the fields say
 BY_LENGTH: Final = 1  # the upstream's Content-Length
 CHUNKED: Final = 2  # unknown length, HTTP/1.1 client
 BY_CLOSE: Final = 3  # unknown length, HTTP/1.0 client: the close ends the body
-
-_STATUS_LINES: dict[tuple[int, int], bytes] = {}
-
-
-def status_line(minor: int, status: int) -> bytes:
-    """`HTTP/1.x NNN Phrase\\r\\n`, built once per (version, status): RFC 9110's phrase, or
-    none for codes it does not name (the reason phrase carries no meaning)."""
-    line = _STATUS_LINES.get((minor, status))
-    if line is None:
-        try:
-            phrase = HTTPStatus(status).phrase
-        except ValueError:
-            phrase = ""
-        line = _STATUS_LINES[(minor, status)] = f"HTTP/1.{minor} {status} {phrase}\r\n".encode()
-    return line
 
 
 def encode_response_head(
