@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import logging
 import time
@@ -992,14 +991,21 @@ class FrontServer:
         for conn in list(self.connections):
             conn.cancel()
 
-    async def shutdown(self, timeout: float) -> None:
-        """pre_shutdown, then let requests in flight finish for up to `timeout` s, then
-        cancel what is left."""
+    async def shutdown(self, timeout: float, interrupt: asyncio.Event | None = None) -> None:
+        """pre_shutdown, then let requests in flight finish for up to `timeout` s (or until
+        `interrupt` is set: an operator's second signal), then cancel what is left and
+        drop their connections."""
         self.pre_shutdown()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wait_idle(), timeout)
+        waits: set[asyncio.Future[object]] = {asyncio.ensure_future(self.wait_idle())}
+        if interrupt is not None:
+            waits.add(asyncio.ensure_future(interrupt.wait()))
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
         self.cancel_all()
-        await asyncio.sleep(0)  # let the cancelled handlers run their clean-up
+        await asyncio.sleep(0)  # let the cancelled handlers run their clean-up (record phase)
 
 
 def local_reply(error: RouterError, request_id: str) -> LocalReply:

@@ -300,17 +300,10 @@ class Exchange:
         try:
             if has_body:
                 return await self._attempt(conn, request, pool, head, chunked, body_limit)
-            # No body (most requests): the same as _attempt, two coroutines fewer.
+            # No body (most requests): the same as _attempt, one coroutine fewer.
             self.conn = conn
             conn.start_request(head, request.method == "HEAD")
-            waiter = conn.head_waiter
-            if not waiter.done():
-                conn.expect_head_by(pool.response_header_timeout)
-                try:
-                    await waiter
-                finally:
-                    conn.head_deadline = 0.0
-            return waiter.result()
+            return await conn.response_head(pool.response_header_timeout)
         except UpstreamReset:
             # A reused connection that died before any byte of a response came back: the
             # upstream closed it as we reused it (the stale-connection race). Resend once on

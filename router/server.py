@@ -32,7 +32,6 @@ from aiohttp import web
 from router.accesslog import configure_logging
 from router.admin import build_admin_app, build_internal_app
 from router.app import RouterApp
-from router.front import FrontServer
 from router.settings import Settings
 from router.workers import WORKER_COUNT_ENV, WORKER_DIR_ENV, WORKER_ID_ENV, WorkerInfo
 
@@ -140,7 +139,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
     timeout = (
         min(server_settings.shutdown_timeout, 2.0) if fast else server_settings.shutdown_timeout
     )
-    await _finish_in_flight(proxy, timeout, now)
+    await proxy.shutdown(timeout, now)
     with contextlib.suppress(Exception):
         await listener.wait_closed()
     # Step 5: release resources.
@@ -152,22 +151,6 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
     await app.close()
     log.info("stopped")
     return 0
-
-
-async def _finish_in_flight(proxy: FrontServer, timeout: float, now: asyncio.Event) -> None:
-    """Let in-flight requests finish for up to `timeout` s (or until `now`, a second
-    signal), then cancel those left and drop their connections."""
-    idle = asyncio.ensure_future(proxy.wait_idle())
-    interrupted = asyncio.ensure_future(now.wait())
-    try:
-        await asyncio.wait(
-            {idle, interrupted}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-    finally:
-        idle.cancel()
-        interrupted.cancel()
-    proxy.cancel_all()
-    await asyncio.sleep(0)  # let the cancelled handlers run their clean-up (record phase)
 
 
 def _bound_port(sockets: Any) -> int | None:

@@ -334,19 +334,14 @@ class UpstreamConnection(asyncio.Protocol):
         assert waiter is not None
         if waiter.done():
             return waiter.result()
-        self.expect_head_by(timeout)
+        # A deadline the pool's sweeper checks, not a timer per request: uvloop's
+        # call_later + cancel costs about a microsecond, paid on every request.
+        self.head_deadline = self._loop.time() + timeout
+        self.pool.watch_head_deadlines(timeout)
         try:
             return await waiter
         finally:
             self.head_deadline = 0.0
-
-    def expect_head_by(self, timeout: float) -> None:
-        """The response head must come within `timeout` s, or the request fails with
-        UpstreamTimeout. A deadline the pool's sweeper checks, not a timer per request:
-        uvloop's call_later + cancel costs about a microsecond, paid on every request.
-        The caller resets head_deadline to 0 once it stops waiting."""
-        self.head_deadline = self._loop.time() + timeout
-        self.pool.watch_head_deadlines(timeout)
 
     async def read(self, timeout: float) -> bytes:
         """Next chunk of the response body; b"" once the body is complete."""
