@@ -5,8 +5,9 @@ decoded strings, a stream reader, a payload and a response writer, and it costs 
 than the whole rest of the router's work (loadtests/README.md: aiohttp alone answering a
 fixed body costs ~19 us a request on the bench machine; the router's features ~11 us).
 This module parses with llhttp (httptools), as upstream.py does for the other side, and
-keeps per request only what the proxy reads: the raw fields, a lazily built
-case-insensitive lookup, and a body stream only when there is a body.
+keeps per request only what the proxy reads: the raw fields, a case-insensitive lookup
+built in the pass that checks the framing fields, and a body stream only when there is a
+body.
 
 Shape:
     FrontServer     the protocol factory given to loop.create_server: limits, open
@@ -49,9 +50,9 @@ from router.errors import (
 
 log = logging.getLogger("router.front")
 
-# Request body bytes buffered per request before the client's socket is paused.
+# Request body bytes buffered per request before the client's socket is paused (reading
+# resumes once the handler has taken what is buffered).
 _BODY_HIGH_WATER: Final = 256 * 1024
-_BODY_LOW_WATER: Final = 64 * 1024
 # Complete requests queued behind the one being handled (pipelining) before reading pauses.
 _MAX_PIPELINED: Final = 32
 # After an answer that did not need the rest of the request body: how long, and how many
@@ -911,13 +912,13 @@ class FrontConnection(asyncio.Protocol):
         transport.write(data)
         transport.close()
 
-    def close_if_idle(self) -> bool:
-        """Close now if no request is being handled or queued (shutdown)."""
+    def close_if_idle(self) -> None:
+        """Close now if no request is being handled or queued, else after the current
+        answer (shutdown)."""
         if self._current is None and not self._pipeline and self.transport is not None:
             self.transport.close()
-            return True
-        self.closing = True
-        return False
+        else:
+            self.closing = True
 
     def cancel(self) -> None:
         """Stop the request being handled (shutdown out of patience) and close."""
@@ -965,10 +966,6 @@ class FrontServer:
 
     def __call__(self) -> FrontConnection:
         return FrontConnection(self)
-
-    @property
-    def open_connections(self) -> int:
-        return len(self.connections)
 
     def pre_shutdown(self) -> None:
         """Stop keeping connections alive: idle ones close now, busy ones after their
