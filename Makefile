@@ -7,24 +7,35 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG := config/router.yaml
 FLAGS := config/flags.json
-SOURCES := $(wildcard router tests loadtests)
+SOURCES := $(wildcard router tests loadtests setup.py)
 
 SHELL := /bin/bash
 
-.PHONY: venv run test lint typecheck bench loadtest loadtest-smoke soak clean distclean
+.PHONY: venv compile run test lint typecheck bench loadtest loadtest-smoke soak clean distclean
 
 # The venv is (re)installed only when pyproject.toml is newer than the stamp.
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,load]'  # load: `make test` runs the load-test smoke
+	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=68"  # setuptools: setup.py
+	# Pure Python here (ROUTER_COMPILE=0); `make compile` builds the hot path in place.
+	ROUTER_COMPILE=0 $(BIN)/python -m pip install --quiet -e '.[dev,load]'  # load: `make test` runs the load-test smoke
 	@touch $@
+
+# The hot path compiled with mypyc, in place beside the sources (setup.py says which modules
+# and why): rebuilt only when router.native finds no build, or one made from other sources.
+# Everything that runs the router depends on it, so tests and benchmarks run what ships.
+# `make clean` goes back to pure Python.
+compile: $(STAMP)
+	@$(BIN)/python -m router.native >/dev/null || { \
+	  echo "compiling the hot path with mypyc (about a minute)"; \
+	  ROUTER_COMPILE=1 $(BIN)/python setup.py --quiet build_ext --inplace >/dev/null && \
+	  $(BIN)/python -m router.native; }
 
 # Two demo backends in the background (legacy :9001, new :9002), the router in the
 # foreground. The trap stops the backends by pid when the router exits, Ctrl-C included.
-run: $(STAMP)
+run: compile
 	@$(BIN)/python -m router.demo_backend --side legacy --host 127.0.0.1 --port 9001 & legacy=$$!; \
 	$(BIN)/python -m router.demo_backend --side new --host 127.0.0.1 --port 9002 & new=$$!; \
 	trap 'kill $$legacy $$new 2>/dev/null; wait $$legacy $$new 2>/dev/null' EXIT; \
@@ -39,7 +50,7 @@ run: $(STAMP)
 	echo " git checkout $(FLAGS) to reset the demo)"; \
 	ROUTER_ADMIN_TOKEN=$${ROUTER_ADMIN_TOKEN:-demo-admin-token} $(BIN)/router serve --config $(CONFIG)
 
-test: $(STAMP)
+test: compile
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory typecheck
 	$(BIN)/pytest -q
@@ -53,7 +64,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 # Side-by-side throughput/latency/memory benchmark (issue 3); see loadtests/README.md.
-bench: $(STAMP)
+bench: compile
 	$(BIN)/python loadtests/bench.py $(BENCH_ARGS)
 
 # Production-scale load test (issue 6): a diurnal day compressed into LOADTEST_DURATION s
@@ -62,11 +73,11 @@ bench: $(STAMP)
 LOADTEST_DURATION ?= 600
 LOADTEST_SCALE ?= 1
 LOADTEST_ARGS ?=
-loadtest: $(STAMP)
+loadtest: compile
 	$(BIN)/python loadtests/harness.py --duration $(LOADTEST_DURATION) --scale $(LOADTEST_SCALE) $(LOADTEST_ARGS)
 
 # The same in 60 s, 5 % of the tenants moved (part of `make test`).
-loadtest-smoke: $(STAMP)
+loadtest-smoke: compile
 	timeout -k 10 150 $(BIN)/python loadtests/harness.py --duration 60 --move-share 0.05 --singles 6 --shadow-rate 0.05 $(LOADTEST_ARGS)
 
 # Soak with faults (issue 7): steady load for SOAK_DURATION s, the legacy upstream killed
@@ -74,11 +85,12 @@ loadtest-smoke: $(STAMP)
 # Not part of `make test` (10 minutes).
 SOAK_DURATION ?= 600
 SOAK_ARGS ?=
-soak: $(STAMP)
+soak: compile
 	$(BIN)/python loadtests/soak.py --duration $(SOAK_DURATION) $(SOAK_ARGS)
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
+	rm -f router/_compiled.py router/*.so  # the compiled hot path
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean

@@ -60,6 +60,8 @@ from common import (
     UPLOAD_SIZE,
 )
 
+from router.native import check_fresh
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PEER = REPO.parent / "shared" / "peers" / "naive_aiohttp_proxy.py"
@@ -1326,7 +1328,7 @@ def report(results: dict[str, Any]) -> str:
         f" python {meta['python']}",
         f"load generator: {meta['load_generator']}",
         f"upstream: {meta['upstream']}; placement: {meta['placement']}",
-        f"router: {meta['router_setup']}",
+        f"router: {meta['router_build']}; {meta['router_setup']}",
         "=" * 100,
     ]
     for scenario in THROUGHPUT_SCENARIOS:
@@ -1545,6 +1547,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             + f" rotating {TENANT_COUNT} tenant ids in {TENANT_HEADER} ({POST_TENANTS} for"
             " post1m); rate1000: loadgen.py (open loop, uvloop, timerfd schedule)"
         ),
+        # Compiled (mypyc, setup.py) or pure Python: `make bench` compiles first.
+        "router_build": check_fresh().describe,
         "router_setup": (
             f"1 worker, {TENANT_COUNT}-tenant flag file (half legacy, half new), both upstreams"
             " -> the fixed upstream, metrics on, access log on (stdout to a file in the temp"

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from router.native import StaleBuild, check_fresh
 from router.settings import ConfigError, Settings, load_settings
 
 DEFAULT_CONFIG = "config/router.yaml"
@@ -232,6 +233,11 @@ COMMAND_MODULES: tuple[str, ...] = tuple(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        check_fresh()  # before build_parser(): it imports the commands' modules
+    except StaleBuild as exc:
+        print(f"router: {exc}", file=sys.stderr)
+        return 1
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)

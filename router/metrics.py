@@ -34,11 +34,15 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 # A proxy's latency lives in milliseconds: buckets from 0.5 ms, dense below 100 ms.
-LATENCY_BUCKETS: Final = (
+# The explicit types are for mypyc: with a bare `Final`, its compiled module never sets
+# these (NameError at import).
+LATENCY_BUCKETS: Final[tuple[float, ...]] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
-CONNECT_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0)
+CONNECT_BUCKETS: Final[tuple[float, ...]] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0,
+)  # fmt: skip
 METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
 )

@@ -32,6 +32,7 @@ from aiohttp import web
 from router.accesslog import configure_logging
 from router.admin import build_admin_app, build_internal_app
 from router.app import RouterApp
+from router.native import build_state
 from router.settings import Settings
 from router.workers import WORKER_COUNT_ENV, WORKER_DIR_ENV, WORKER_ID_ENV, WorkerInfo
 
@@ -114,6 +115,8 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
             "legacy": settings.upstreams.legacy.url,
             "new": settings.upstreams.new.url,
             "flag_source": settings.flags.source,
+            # Compiled or pure Python (router/native.py): a pure-Python image is slower.
+            "build": build_state().describe,
             "pid": os.getpid(),
             # The ports actually bound: with port 0 in the config (tests, ad-hoc runs) the
             # configured strings above do not say where the router listens.

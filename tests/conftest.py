@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
 import socket
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -27,8 +28,31 @@ from aiohttp.test_utils import TestServer
 from router.admin import build_admin_app
 from router.app import RouterApp
 from router.flagfile import set_tenants
+from router.native import StaleBuild, build_state, check_fresh
 from router.settings import Settings
 from tests.redis_server import RedisServer, start_redis
+
+# ---- the build under test -----------------------------------------------------------
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"router: {build_state().describe}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Test what ships: never a compiled build older than its sources (it would shadow
+    them), and under CI the compiled one (`make test` builds it first)."""
+    try:
+        state = check_fresh()
+    except StaleBuild as exc:
+        pytest.exit(str(exc), returncode=pytest.ExitCode.USAGE_ERROR)
+    if not state.compiled and os.environ.get("CI") == "true":
+        pytest.exit(
+            "CI=true: the tests must run the compiled hot path; `make test` builds it"
+            " (make compile)",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
+
 
 # ---- event loops --------------------------------------------------------------------
 

@@ -15,10 +15,12 @@ import os
 import re
 import select
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from fnmatch import fnmatch
 from pathlib import Path
@@ -478,3 +480,81 @@ def test_demo_backend_helper_endpoints(demo_port: int) -> None:
     response, raw = _request(demo_port, "GET", "/__demo/slow/0.3")
     assert response.status == 200 and time.monotonic() - started >= 0.3
     assert json.loads(raw)["path"] == "/__demo/slow/0.3"
+
+
+# --- the compiled hot path (setup.py) ------------------------------------------------------
+
+
+def test_make_test_and_ci_run_the_compiled_hot_path() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    for target in ("test", "run", "bench", "loadtest", "loadtest-smoke", "soak"):
+        assert re.search(rf"^{target}: compile$", makefile, re.M), f"make {target}: not compiled"
+    assert "setup.py" in makefile_recipe(makefile, "compile")
+    # A C compiler with libc's headers, installed when missing.
+    assert re.search(r"^need_debs .*\bgcc:build-essential\b", (REPO / ".ci/run").read_text(), re.M)
+
+
+def test_the_image_builder_compiles_and_checks_the_hot_path() -> None:
+    builder = dockerfile_stages((REPO / "Dockerfile").read_text())[0]
+    runs = " && ".join(args for name, args in builder if name == "RUN")
+    assert re.search(r"apt-get install .*\bgcc\b.*\blibc6-dev\b", runs)
+    assert re.search(r"ROUTER_COMPILE=1 \S+pip wheel --no-build-isolation", runs)
+    assert "python -m router.native" in runs, "the build must fail if the image is not compiled"
+    copied = " ".join(args for name, args in builder if name == "COPY")
+    assert "setup.py" in copied
+    ignored = (REPO / ".dockerignore").read_text().splitlines()
+    assert "**/*.so" in ignored and "router/_compiled.py" in ignored, "a checkout's own build"
+
+
+@pytest.mark.timeout(900)
+def test_the_wheel_carries_the_compiled_hot_path(tmp_path: Path) -> None:
+    """The Dockerfile builder's wheel and install steps, here (no Docker engine): a clean
+    copy of what the image copies, built without isolation by this venv (which has the
+    dependencies and mypy), then installed into an empty venv, where it runs compiled."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        (source / name).write_bytes((REPO / name).read_bytes())
+    shutil.copytree(
+        REPO / "router",
+        source / "router",
+        ignore=shutil.ignore_patterns("*.so", "_compiled.py", "__pycache__"),
+    )
+    wheels = tmp_path / "wheels"
+    env = {**os.environ, "ROUTER_COMPILE": "1"}
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps"]
+    done = subprocess.run(
+        [*build, "--wheel-dir", str(wheels), str(source)],
+        cwd=source, env=env, capture_output=True, text=True, timeout=840, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (wheel,) = wheels.glob("router-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "router/_compiled.py" in names
+    for module in ("_hotpath__mypyc", "front", "app", "relay", "upstream"):
+        assert any(re.fullmatch(rf"router/{module}\.[^/]+\.so", n) for n in names), module
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    with zipfile.ZipFile(wheel) as archive:  # what `pip install` does with a wheel's files
+        archive.extractall(site)
+    # The dependencies from this venv (PYTHONPATH: its .pth files, so its editable router,
+    # are not read); the router from the new one. Run outside any checkout.
+    deps = next(p for p in sys.path if p.endswith("site-packages"))
+    check = (
+        "import router.front, router.native, router.app;"
+        "print(router.front.__file__); print(router.native.check_fresh().describe)"
+    )
+    done = subprocess.run(
+        [str(python), "-c", check],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": deps}, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    front_file, describe = done.stdout.split("\n")[:2]
+    assert front_file.startswith(site) and front_file.endswith(".so"), front_file
+    assert describe == "compiled with mypyc (8 modules)"

@@ -3,23 +3,23 @@ crash on arbitrary input, and the header rules strip what they must, idempotentl
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import string
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import httptools
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.front import Headers, HttpVersion, Request
+from router.front import FrontConnection, FrontServer, Headers, HttpVersion, Request
 from router.override import OverrideVerifier, signed_headers
 from router.relay import HeaderRules, build_request_head, encode_response_head
-from router.settings import TenantSettings
+from router.settings import TenantSettings, UpstreamSettings
 from router.tenant import TenantIdentifier
-from router.upstream import UpstreamResponse
+from router.upstream import UpstreamPool, UpstreamResponse
 
 PROPERTY_SETTINGS = settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -57,7 +57,7 @@ IDENTIFIER = TenantIdentifier(
     )
 )
 RULES = HeaderRules(("X-Tenant-Id",))
-POOL = SimpleNamespace(preserve_host=True, authority=b"upstream.internal")
+
 # RFC 9110 7.6.1 (and the de-facto Proxy-Connection), written out here rather than
 # imported, so that a field dropped from the router's own set is caught.
 HOP_BY_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
@@ -96,23 +96,38 @@ def parse_head(head: bytes, response: bool = False) -> list[tuple[bytes, bytes]]
     return collect.headers
 
 
-class _Connection:
-    """The little of a client connection a Request reads."""
+# Real objects where the head builder takes them: compiled (setup.py), it checks its
+# arguments' types at run time. The loop is never run: closed at once.
+_LOOP = asyncio.new_event_loop()
+_LOOP.close()
+POOL = UpstreamPool("legacy", UpstreamSettings(url="http://upstream.internal"), _LOOP)
 
-    peer = "192.0.2.7"
-    transport = None
+
+def _client_connection() -> FrontConnection:
+    """A never-connected client connection: the head builder reads only its peer."""
+    loop = _LOOP
+    server = FrontServer(
+        None,  # type: ignore[arg-type]  # no request is handled
+        loop, max_target=8190, max_field_size=8190, max_headers=100, keepalive_timeout=5.0,
+        header_timeout=5.0, max_connections=10,
+    )  # fmt: skip
+    connection = FrontConnection(server)
+    connection.peer = "192.0.2.7"
+    return connection
+
+
+CLIENT_CONNECTION = _client_connection()
 
 
 def request_head(headers: list[tuple[str, str]]) -> bytes:
     # Field values as UTF-8 bytes (what the parser hands over for such a client).
     raw = [(n.encode(), v.encode()) for n, v in headers]
     request = Request(
-        _Connection(),  # type: ignore[arg-type]
-        "GET", b"/p?q=1", Headers(raw), HttpVersion(1, 1), True, None, False,
+        CLIENT_CONNECTION, "GET", b"/p?q=1", Headers(raw), HttpVersion(1, 1), True, None, False,
     )  # fmt: skip
     head, _client = build_request_head(
         request, b"/p?q=1", "client.example", "req-1", "192.0.2.7", POOL, RULES, False, False
-    )  # type: ignore[arg-type]
+    )
     return head
 
 
