@@ -16,10 +16,11 @@ SHELL := /bin/bash
 # The venv is (re)installed only when pyproject.toml is newer than the stamp.
 venv: $(STAMP)
 
+# The editable install is pure Python (ROUTER_COMPILE=0); `make compile` builds the hot
+# path in place.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip "setuptools>=68"  # setuptools: setup.py
-	# Pure Python here (ROUTER_COMPILE=0); `make compile` builds the hot path in place.
 	ROUTER_COMPILE=0 $(BIN)/python -m pip install --quiet -e '.[dev,load]'  # load: `make test` runs the load-test smoke
 	@touch $@
 
