@@ -45,13 +45,19 @@ def _format(entry: _Entry) -> str:
     client_json = escaped.get(client)
     if client_json is None:
         client_json = _escape_cached(client)
-    upstream = "null" if upstream_ms is None else f"{upstream_ms:.3f}"
+    # The numbers with a format spec are formatted apart: compiled (setup.py), an f-string
+    # whose parts are all str or int is one concatenation, but a single spec in it turns
+    # every part into a str.format() call.
+    ts_text = format(ts, ".3f")
+    duration = format(duration_ms, ".3f")
+    upstream = "null" if upstream_ms is None else format(upstream_ms, ".3f")
     error_json = "null" if error is None else f'"{error}"'
+    path_json: str = _escape(path)
     return (
-        f'{{"ts":{ts:.3f},"type":"access","request_id":"{request_id}","tenant":{tenant_json},'
-        f'"target":"{target}","reason":"{reason}","method":"{method}","path":{_escape(path)},'
+        f'{{"ts":{ts_text},"type":"access","request_id":"{request_id}","tenant":{tenant_json},'
+        f'"target":"{target}","reason":"{reason}","method":"{method}","path":{path_json},'
         f'"status":{status},"bytes_in":{bytes_in},"bytes_out":{bytes_out},'
-        f'"duration_ms":{duration_ms:.3f},"upstream_ms":{upstream},"error":{error_json},'
+        f'"duration_ms":{duration},"upstream_ms":{upstream},"error":{error_json},'
         f'"client":{client_json}}}\n'
     )
 
