@@ -80,7 +80,7 @@ class ProxyHandler:
         "_decider",
         "_flags",
         "_hold_timeout",
-        "_identify",
+        "_identifier",
         "_inflight",
         "_ledger",
         "_loop",
@@ -96,7 +96,9 @@ class ProxyHandler:
 
     def __init__(self, app: RouterApp) -> None:
         self._loop = app.loop
-        self._identify = app.identifier.identify
+        # The object, not its bound method: compiled (setup.py), a method call on a native
+        # class is a direct C call; a stored bound method is a generic Python call.
+        self._identifier = app.identifier
         self._decider = app.decider
         self._pools = app.pools
         self._rules = app.header_rules
@@ -225,7 +227,7 @@ class ProxyHandler:
                     path = request_target.decode("latin-1")
                 headers = request.headers
                 # Phase 1: identify
-                tenant, _source = self._identify(headers, host, path)
+                tenant, _source = self._identifier.identify(headers, host, path)
                 # Phase 2: decide
                 forced = headers.get(TARGET_HEADER)
                 signature = headers.get(SIGNATURE_HEADER) if forced is not None else None

@@ -143,7 +143,6 @@ def build_request_head(
         host_bytes if pool.preserve_host and host else pool.authority,
         b"\r\n",
     ]
-    extend = parts.extend
     forwarded_for = b""
     forwarded_proto = b""
     forwarded_host = b""
@@ -151,7 +150,7 @@ def build_request_head(
     check_all = bool(connection_named)
     for name, value in raw_headers:
         if not check_all and len(name) not in _DROP_REQUEST_LENGTHS and b"_" not in name:
-            extend((name, b": ", value, b"\r\n"))
+            parts.extend((name, b": ", value, b"\r\n"))
             continue
         lname = name.lower()
         if (
@@ -166,7 +165,7 @@ def build_request_head(
             elif lname == b"x-forwarded-host":
                 forwarded_host = value
             continue
-        extend((name, b": ", value, b"\r\n"))
+        parts.extend((name, b": ", value, b"\r\n"))
     if has_body:
         if chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n")
@@ -186,7 +185,7 @@ def build_request_head(
             forwarded_for = peer
     else:
         forwarded_for = peer
-    extend(
+    parts.extend(
         (
             b"X-Forwarded-For: ",
             forwarded_for,
@@ -226,13 +225,12 @@ def encode_response_head(
     headers = upstream.headers
     named = connection_tokens(headers) if upstream.has_connection_options else _NOTHING
     parts = [status_line(client_minor, status)]
-    extend = parts.extend
     for name, value in headers:
         if (named or len(name) in _DROP_RESPONSE_LENGTHS) and (
             (lname := name.lower()) in _DROP_RESPONSE or lname in named
         ):
             continue
-        extend((name, b": ", value, b"\r\n"))
+        parts.extend((name, b": ", value, b"\r\n"))
     keep_alive = client_keep_alive
     length = None if upstream.chunked else upstream.content_length
     if head_request or status in (204, 304) or status < 200:
@@ -253,9 +251,9 @@ def encode_response_head(
         parts.append(b"Connection: close\r\n")
     elif client_minor == 0:
         parts.append(b"Connection: keep-alive\r\n")
-    extend((b"X-Request-Id: ", request_id.encode("ascii"), b"\r\n"))
+    parts.extend((b"X-Request-Id: ", request_id.encode("ascii"), b"\r\n"))
     if routed_to is not None:
-        extend((b"X-Routed-To: ", routed_to, b"\r\n"))
+        parts.extend((b"X-Routed-To: ", routed_to, b"\r\n"))
     parts.append(b"\r\n")
     return b"".join(parts), framing, keep_alive
 
