@@ -31,7 +31,7 @@ import collections
 import json
 import logging
 import time
-from collections.abc import Awaitable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Final, Protocol, TypeVar, cast, overload
@@ -405,6 +405,10 @@ class FrontConnection(asyncio.Protocol):
         "_in_head",
         "_linger_timer",
         "_parser",
+        "_parser_feed",
+        "_parser_keep_alive",
+        "_parser_method",
+        "_parser_version",
         "_parsing",
         "_pipeline",
         "_pipeline_paused",
@@ -427,7 +431,13 @@ class FrontConnection(asyncio.Protocol):
         self.loop = server.loop
         self.transport: asyncio.Transport | None = None
         self.peer = ""
-        self._parser = httptools.HttpRequestParser(self)
+        self._parser = parser = httptools.HttpRequestParser(self)
+        # The parser's methods that run on every request, bound once: compiled (setup.py),
+        # a call through a stored bound method skips the by-name lookup of `parser.x()`.
+        self._parser_feed: Callable[[bytes], None] = parser.feed_data
+        self._parser_method: Callable[[], bytes] = parser.get_method
+        self._parser_version: Callable[[], str] = parser.get_http_version
+        self._parser_keep_alive: Callable[[], bool] = parser.should_keep_alive
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0  # raw bytes of the head being parsed (limits)
@@ -523,7 +533,7 @@ class FrontConnection(asyncio.Protocol):
             return
         self._feeding = True
         try:
-            self._parser.feed_data(data)
+            self._parser_feed(data)
         except httptools.HttpParserUpgrade:
             # Upgrade (or CONNECT): the router relays neither; the request as parsed gets its
             # answer (the handler refuses CONNECT; an Upgrade field is hop-by-hop and
@@ -583,7 +593,6 @@ class FrontConnection(asyncio.Protocol):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
-        parser = self._parser
         # One pass: the lookup index (first value wins) and the fields that frame the
         # request, whose repetition is refused rather than resolved.
         index: dict[bytes, bytes] = {}
@@ -607,7 +616,7 @@ class FrontConnection(asyncio.Protocol):
                 # body's end unknown (RFC 9112 6.3 says: refuse with 400, then close).
                 raise BadRequest("unsupported Transfer-Encoding")
             chunked = True
-        version = _VERSIONS.get(parser.get_http_version())
+        version = _VERSIONS.get(self._parser_version())
         if version is None:
             raise BadRequest("unsupported HTTP version")
         if version.minor == 1 and b"host" not in index:
@@ -615,14 +624,14 @@ class FrontConnection(asyncio.Protocol):
         if chunked and version.minor == 0:
             # HTTP/1.0 has no chunked coding (RFC 9112 6.1): its end would be ambiguous.
             raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
-        method = parser.get_method()
+        method = self._parser_method()
         request = Request(
             self,
             _METHODS.get(method) or method.decode("ascii"),
             self._url,
             Headers(self._headers, index),
             version,
-            bool(parser.should_keep_alive()) and not self._server.closing,
+            bool(self._parser_keep_alive()) and not self._server.closing,
             content_length,
             chunked,
         )
