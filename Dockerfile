@@ -18,13 +18,13 @@ COPY router/ router/
 # 2. The router's wheel, its hot path compiled by mypyc (setup.py), without build isolation
 #    so that it sees them.
 # 3. That wheel and its dependencies into /opt/venv, the venv the image keeps; it must say
-#    "compiled with mypyc" (router.native exits 0), or the build fails.
+#    "compiled with mypyc" (router.service.native exits 0), or the build fails.
 RUN python -m venv /opt/build \
  && ROUTER_COMPILE=0 /opt/build/bin/pip install ".[build]" \
  && ROUTER_COMPILE=1 /opt/build/bin/pip wheel --no-build-isolation --no-deps --wheel-dir /wheels . \
  && python -m venv /opt/venv \
  && /opt/venv/bin/pip install /wheels/router-*.whl \
- && (cd / && /opt/venv/bin/python -m router.native) \
+ && (cd / && /opt/venv/bin/python -m router.service.native) \
  && rm -rf /wheels /opt/build
 
 # --- final: the venv and the config, run as an unprivileged user ---

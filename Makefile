@@ -25,14 +25,14 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 # The hot path compiled with mypyc, in place beside the sources (setup.py says which modules
-# and why): rebuilt only when router.native finds no build, or one made from other sources.
+# and why): rebuilt only when router.service.native finds no build, or one made from other sources.
 # Everything that runs the router depends on it, so tests and benchmarks run what ships.
 # `make clean` goes back to pure Python.
 compile: $(STAMP)
-	@$(BIN)/python -m router.native >/dev/null || { \
+	@$(BIN)/python -m router.service.native >/dev/null || { \
 	  echo "compiling the hot path with mypyc (about a minute)"; \
 	  ROUTER_COMPILE=1 $(BIN)/python setup.py --quiet build_ext --inplace >/dev/null && \
-	  $(BIN)/python -m router.native; }
+	  $(BIN)/python -m router.service.native; }
 
 # Two demo backends in the background (legacy :9001, new :9002), the router in the
 # foreground. The trap stops the backends by pid when the router exits, Ctrl-C included.
@@ -91,7 +91,7 @@ soak: compile
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
-	rm -f router/_compiled.py router/*.so  # the compiled hot path
+	rm -f router/_compiled.py && find router -name "*.so" -delete  # the compiled hot path
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean

@@ -8,7 +8,7 @@ Python package instead: it behaves the same, only slower.
 A compiled module shadows its .py (Python imports extension modules first), so an edited
 source would silently run its old build. Each build writes router/_compiled.py: the SHA-256
 of every source it depends on (the compiled modules and the router modules they import,
-whose types and Final constants compiled code bakes in). router.native.check_fresh() refuses
+whose types and Final constants compiled code bakes in). router.service.native.check_fresh() refuses
 to run a build whose sources changed since (`router serve`, the CLI, the test session).
 In a checkout, `make compile` rebuilds when needed.
 """
@@ -28,14 +28,14 @@ HERE = Path(__file__).resolve().parent
 # ledger clients (they run once per flag change or per tenant, not per request), and
 # errors.py (mypyc-compiled exception classes lose their class-level defaults).
 COMPILED_MODULES = (
-    "router/front.py",  # client connections, HTTP/1.1 parsing and framing
-    "router/app.py",  # the request phases
-    "router/tenant.py",  # identify
-    "router/routing.py",  # decide
-    "router/relay.py",  # forward and relay
-    "router/upstream.py",  # the upstream connection pools
-    "router/metrics.py",  # record
-    "router/accesslog.py",  # record
+    "router/proxy/connection.py",  # client connections, HTTP/1.1 parsing and framing
+    "router/proxy/handler.py",  # the request phases
+    "router/proxy/identify.py",  # identify
+    "router/proxy/decide.py",  # decide
+    "router/proxy/relay.py",  # forward and relay
+    "router/proxy/upstream.py",  # the upstream connection pools
+    "router/proxy/metrics.py",  # record
+    "router/proxy/accesslog.py",  # record
 )
 DIGESTS_MODULE = HERE / "router" / "_compiled.py"
 
@@ -73,7 +73,7 @@ def build_dependencies() -> list[Path]:
 def write_digests() -> None:
     lines = [
         '"""Written by setup.py at build time (not in git): the sources the compiled',
-        'modules were built from, and their SHA-256. See router/native.py."""',
+        'modules were built from, and their SHA-256. See router/service/native.py."""',
         "",
         "COMPILED: tuple[str, ...] = (",
         *(f'    "{module}",' for module in COMPILED_MODULES),

@@ -1,5 +1,5 @@
-"""The router's forwarding core alone: its front (router/front.py), its upstream pool and
-relay (router/upstream.py, router/relay.py), and none of the per-request features.
+"""The router's forwarding core alone: its front (router/proxy/connection.py), its upstream pool and
+relay (router/proxy/upstream.py, router/proxy/relay.py), and none of the per-request features.
 
     python loadtests/bare_proxy.py PORT UPSTREAM_URL
 
@@ -19,7 +19,7 @@ import uvloop
 from common import until_stopped
 
 from router.errors import RouterError
-from router.front import (
+from router.proxy.connection import (
     RELAYED_CLOSE,
     RELAYED_KEEP_ALIVE,
     FrontServer,
@@ -28,9 +28,9 @@ from router.front import (
     Request,
     local_reply,
 )
-from router.relay import Exchange, encode_response_head
+from router.proxy.relay import Exchange, encode_response_head
+from router.proxy.upstream import UpstreamPool
 from router.settings import UpstreamSettings
-from router.upstream import UpstreamPool
 
 
 class BareHandler:

@@ -60,7 +60,7 @@ from common import (
     UPLOAD_SIZE,
 )
 
-from router.native import check_fresh
+from router.service.native import check_fresh
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -346,7 +346,7 @@ def tenant_ids() -> list[str]:
 
 
 def write_flag_file(path: Path, tenants: list[str]) -> dict[str, int]:
-    from router.flagfile import set_tenants
+    from router.control.flagfile import set_tenants
 
     legacy = tenants[0::2]
     new = tenants[1::2]

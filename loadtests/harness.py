@@ -135,7 +135,7 @@ class Harness:
     def start_stack(self, initial_new: list[str], moved: list[str]) -> None:
         import yaml
 
-        from router.flagfile import set_tenants
+        from router.control.flagfile import set_tenants
 
         flags = self.out / "flags.json"
         set_tenants(flags, initial_new, "new", create=True)

@@ -72,7 +72,7 @@ class Recorder:
                     "status": status,
                     "bytes_in": size,
                     "fault": fault,
-                    # A shadow copy (router/shadow.py), not a client's request: "new", or
+                    # A shadow copy (router/proxy/shadow.py), not a client's request: "new", or
                     # "legacy-replay" for the noise filter's second legacy answer.
                     "shadow": request.headers.get("X-Router-Shadow"),
                 },

@@ -39,7 +39,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from router.flagfile import set_tenants  # noqa: E402
+from router.control.flagfile import set_tenants  # noqa: E402
 
 TENANTS = {"soak-legacy": "legacy", "soak-new": "new"}
 REQUEST_TIMEOUT = 10.0

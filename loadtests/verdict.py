@@ -149,7 +149,7 @@ def judge(
         if not cut.ok
     )
 
-    # Shadow copies (router/shadow.py) are the router's own requests, not clients': they
+    # Shadow copies (router/proxy/shadow.py) are the router's own requests, not clients': they
     # are judged apart. Only safe methods may ever be copied, and only to new (or replayed
     # to legacy by the noise filter).
     copies = [r for r in backend if r.get("shadow")]

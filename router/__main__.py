@@ -1,5 +1,5 @@
 """`python -m router ...` is the same as the `router` console script."""
 
-from router.cli import main
+from router.cli.main import main
 
 raise SystemExit(main())

@@ -25,10 +25,10 @@ import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from router.admin import build_admin_app
-from router.app import RouterApp
-from router.flagfile import set_tenants
-from router.native import StaleBuild, build_state, check_fresh
+from router.control.flagfile import set_tenants
+from router.service.admin import build_admin_app
+from router.service.app import RouterApp
+from router.service.native import StaleBuild, build_state, check_fresh
 from router.settings import Settings
 from tests.redis_server import RedisServer, start_redis
 

@@ -5,7 +5,7 @@ the router's own /metrics test are checked against.
 Names are as PromQL sees them: counters with their `_total`, histograms by their base name
 (the exposition has `<name>_bucket`, `<name>_sum` and `<name>_count`). `base_name()` maps
 an exposed sample name back to its entry here. Renaming a metric means changing it here,
-in router/metrics.py, and in every dashboard and alert that the tests then flag.
+in router/proxy/metrics.py, and in every dashboard and alert that the tests then flag.
 """
 
 from __future__ import annotations

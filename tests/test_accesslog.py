@@ -8,7 +8,7 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router import accesslog
+from router.proxy import accesslog
 
 
 def line(tenant: str | None, path: str, client: str | None) -> str:

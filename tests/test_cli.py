@@ -1,6 +1,6 @@
 """The command line as an operator uses it: real processes, exit statuses, stdout/stderr.
 
-Exit statuses are a contract (router/cli.py): 0 ok, 1 the command failed, 2 bad
+Exit statuses are a contract (router/cli/main.py): 0 ok, 1 the command failed, 2 bad
 configuration or usage. A bad configuration must stop `serve` before it binds anything,
 with a message that names the key and the problem.
 """
@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from router.flagfile import new_flag, read_flag_file, set_tenants, tenant_variation
+from router.control.flagfile import new_flag, read_flag_file, set_tenants, tenant_variation
 from tests.procs import REPO, ROUTER_SCRIPT, Procs, child_env, run_router
 
 CONFIG = REPO / "config" / "router.yaml"

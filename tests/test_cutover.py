@@ -24,8 +24,8 @@ import httpx
 import pytest
 from aiohttp import web
 
-from router.cutover import check_replication
-from router.flagfile import read_flag_file, set_tenants, tenant_variation
+from router.control.cutover import check_replication
+from router.control.flagfile import read_flag_file, set_tenants, tenant_variation
 from tests.procs import (
     ROUTER,
     Procs,

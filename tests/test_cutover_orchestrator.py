@@ -1,4 +1,4 @@
-"""The cutover orchestrator (router/cutover.py) in-process, against in-process routers on
+"""The cutover orchestrator (router/control/cutover.py) in-process, against in-process routers on
 real sockets, with flag writers that fail on purpose: which failures roll back to legacy
 and which must not."""
 
@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from router.cutover import Step, cutover
-from router.flagfile import read_flag_file, set_tenants, tenant_variation
-from router.flagwriters import FileFlagWriter, FlagWriterError
+from router.control.cutover import Step, cutover
+from router.control.flagfile import read_flag_file, set_tenants, tenant_variation
+from router.control.flagwriters import FileFlagWriter, FlagWriterError
 from tests.conftest import ADMIN_TOKEN, Backends, RunningRouter, StartRouter, router_settings
 
 

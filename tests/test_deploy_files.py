@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from router.flagfile import set_tenants
+from router.control.flagfile import set_tenants
 from router.settings import ServerSettings, Settings, load_settings
 from tests.metric_names import (
     COUNTERS,

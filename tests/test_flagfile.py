@@ -1,4 +1,5 @@
-"""router.flagfile: the flags-file writer, checked against the LaunchDarkly SDK that reads it."""
+"""router.control.flagfile: the flags-file writer, checked against the LaunchDarkly SDK
+that reads it."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from ldclient.integrations import Files
 from ldclient.interfaces import FlagChange
 
 import router
-from router.flagfile import (
+from router.control.flagfile import (
     VARIATIONS,
     FlagFileError,
     new_flag,
@@ -441,7 +442,7 @@ def test_a_reader_never_sees_a_partial_file(flag_path: Path) -> None:
 WORKER = """
 import sys, time
 from pathlib import Path
-from router.flagfile import set_tenant
+from router.control.flagfile import set_tenant
 
 path, ready, go, worker, value = sys.argv[1:]
 Path(ready).touch()

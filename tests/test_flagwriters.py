@@ -1,4 +1,4 @@
-"""Flag writers (router/flagwriters.py): the flag file, and LaunchDarkly's REST API v2
+"""Flag writers (router/control/flagwriters.py): the flag file, and LaunchDarkly's REST API v2
 against a local server that checks every request the way LaunchDarkly documents it and
 keeps the flag's state, so a read after a write shows the write."""
 
@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from router.flagfile import read_flag_file, set_tenants, tenant_variation
-from router.flagwriters import (
+from router.control.flagfile import read_flag_file, set_tenants, tenant_variation
+from router.control.flagwriters import (
     SEMANTIC_PATCH,
     FileFlagWriter,
     FlagWriter,

@@ -1,4 +1,4 @@
-"""The client side the router runs itself (router/front.py), on real loopback sockets.
+"""The client side the router runs itself (router/proxy/connection.py), on real loopback sockets.
 
 test_fastpath.py holds what any fast path must get right (framing, pipelining, clients that
 leave early); test_client_errors.py what the parser must refuse. This file holds what the
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from router.front import Headers
+from router.proxy.connection import Headers
 from tests.conftest import Backends, RunningRouter, StartRouter
 from tests.test_fastpath import (
     IdUpstream,

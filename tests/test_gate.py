@@ -1,4 +1,4 @@
-"""router.gate: background jobs get the router's answer (flag, ratchet, hold)."""
+"""router.control.gate: background jobs get the router's answer (flag, ratchet, hold)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from router.control.flagfile import set_tenants
+from router.control.gate import Gate, TenantHeld
 from router.errors import HoldTimeout
-from router.flagfile import set_tenants
-from router.gate import Gate, TenantHeld
 from router.settings import Settings
 from tests.conftest import router_settings
 

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from router.flagfile import new_flag
+from router.control.flagfile import new_flag
 from tests.conftest import Backends, StartRouter, router_settings
 
 

@@ -1,4 +1,4 @@
-"""The ratchet ledger (router/ledger.py) and `router tenants ...` (router/cli_tenants.py).
+"""The ratchet ledger (router/control/ledger.py) and `router tenants ...` (router/cli/tenants.py).
 
 Both backends run against the real thing: SQLite files in the test's tmp dir, and a real
 `redis-server` (Debian package redis-server) started once per session on a free loopback
@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 import yaml
 
-from router.flagfile import set_tenants
-from router.ledger import (
+from router.control.flagfile import set_tenants
+from router.control.ledger import (
     Ledger,
     LedgerError,
     RedisLedger,
@@ -239,7 +239,7 @@ async def test_sqlite_file_is_wal_with_synchronous_full(db: Path) -> None:
 
 CHILD = """
 import asyncio, json, os, signal, sys
-from router.ledger import open_ledger
+from router.control.ledger import open_ledger
 
 async def main(url, action, tenant):
     ledger = open_ledger(url)

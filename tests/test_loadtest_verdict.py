@@ -213,7 +213,7 @@ def test_a_second_router_with_a_lagging_flag_file_fails_the_verdict(tmp_path: Pa
     import threading
     import time
 
-    from router.flagfile import set_tenants
+    from router.control.flagfile import set_tenants
     from tests.procs import Procs, request, run_router, write_config
 
     tenant = "tenant-lag"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.metrics import LATENCY_BUCKETS, Histogram, merge
+from router.proxy.metrics import LATENCY_BUCKETS, Histogram, merge
 from tests.conftest import Backends, RunningRouter, sample
 from tests.metric_names import EXPORTED_METRICS, METRIC_KINDS
 

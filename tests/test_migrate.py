@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from router.flagfile import read_flag_file, set_tenants, tenant_variation
-from router.migrate import Journal, MigrateError, Progress, RateLimiter, read_tenants
+from router.control.flagfile import read_flag_file, set_tenants, tenant_variation
+from router.control.migrate import Journal, MigrateError, Progress, RateLimiter, read_tenants
 from tests.procs import ROUTER, Procs, RouterProc, request, run_router, wait_until, write_config
 
 TOKEN = "migrate-test-admin-token"

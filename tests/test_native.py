@@ -1,4 +1,4 @@
-"""The compiled hot path (setup.py, router/native.py): which build runs, and no stale one.
+"""The compiled hot path (setup.py, router/service/native.py): which build runs, and no stale one.
 
 A compiled module shadows its .py, so a build older than its sources would run old code
 silently. These tests build small package directories by hand (the digests file and an
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from router.native import StaleBuild, build_state, check_fresh
+from router.service.native import StaleBuild, build_state, check_fresh
 
 REPO = Path(__file__).resolve().parent.parent
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]

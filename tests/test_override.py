@@ -1,4 +1,4 @@
-"""Signed test routing (router/override.py, `router sign`): what is accepted, what is
+"""Signed test routing (router/control/override.py, `router sign`): what is accepted, what is
 refused and why, and the message format pinned by vectors computed independently of it."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from router.override import (
+from router.control.override import (
     REJECTION_REASONS,
     SIGNATURE_HEADER,
     TARGET_HEADER,

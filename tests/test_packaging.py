@@ -499,7 +499,9 @@ def test_the_image_builder_compiles_and_checks_the_hot_path() -> None:
     runs = " && ".join(args for name, args in builder if name == "RUN")
     assert re.search(r"apt-get install .*\bgcc\b.*\blibc6-dev\b", runs)
     assert re.search(r"ROUTER_COMPILE=1 \S+pip wheel --no-build-isolation", runs)
-    assert "python -m router.native" in runs, "the build must fail if the image is not compiled"
+    assert "python -m router.service.native" in runs, (
+        "the build must fail if the image is not compiled"
+    )
     copied = " ".join(args for name, args in builder if name == "COPY")
     assert "setup.py" in copied
     ignored = (REPO / ".dockerignore").read_text().splitlines()
@@ -531,7 +533,7 @@ def test_the_wheel_carries_the_compiled_hot_path(tmp_path: Path) -> None:
     (wheel,) = wheels.glob("router-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "router/_compiled.py" in names
-    for module in ("_hotpath__mypyc", "front", "app", "relay", "upstream"):
+    for module in ("_hotpath__mypyc", "proxy/connection", "proxy/handler", "proxy/relay"):
         assert any(re.fullmatch(rf"router/{module}\.[^/]+\.so", n) for n in names), module
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -546,8 +548,9 @@ def test_the_wheel_carries_the_compiled_hot_path(tmp_path: Path) -> None:
     # are not read); the router from the new one. Run outside any checkout.
     deps = next(p for p in sys.path if p.endswith("site-packages"))
     check = (
-        "import router.front, router.native, router.app;"
-        "print(router.front.__file__); print(router.native.check_fresh().describe)"
+        "import router.proxy.connection, router.service.native, router.proxy.handler;"
+        "print(router.proxy.connection.__file__);"
+        "print(router.service.native.check_fresh().describe)"
     )
     done = subprocess.run(
         [str(python), "-c", check],

@@ -14,12 +14,12 @@ import httptools
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.front import FrontConnection, FrontServer, Headers, HttpVersion, Request
-from router.override import OverrideVerifier, signed_headers
-from router.relay import HeaderRules, build_request_head, encode_response_head
+from router.control.override import OverrideVerifier, signed_headers
+from router.proxy.connection import FrontConnection, FrontServer, Headers, HttpVersion, Request
+from router.proxy.identify import TenantIdentifier
+from router.proxy.relay import HeaderRules, build_request_head, encode_response_head
+from router.proxy.upstream import UpstreamPool, UpstreamResponse
 from router.settings import TenantSettings, UpstreamSettings
-from router.tenant import TenantIdentifier
-from router.upstream import UpstreamPool, UpstreamResponse
 
 PROPERTY_SETTINGS = settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]

@@ -1,4 +1,4 @@
-"""Shadow traffic (router/shadow.py) through a real router, against real backends on
+"""Shadow traffic (router/proxy/shadow.py) through a real router, against real backends on
 loopback that differ on purpose (status, a header, a JSON field, body bytes, a noisy
 timestamp, size) or agree, and a new side that is slow or down."""
 
@@ -18,11 +18,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from router.cutover import cutover
-from router.flagfile import read_flag_file, tenant_variation
-from router.flagwriters import FileFlagWriter
-from router.metrics import Metrics
-from router.shadow import (
+from router.control.cutover import cutover
+from router.control.flagfile import read_flag_file, tenant_variation
+from router.control.flagwriters import FileFlagWriter
+from router.proxy.metrics import Metrics
+from router.proxy.shadow import (
     Answer,
     BodyDigest,
     Noise,

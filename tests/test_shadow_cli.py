@@ -18,10 +18,10 @@ import pytest
 import yaml
 from aiohttp import web
 
-from router.cli import main
-from router.cutover import cutover
-from router.flagfile import read_flag_file, set_tenants, tenant_variation
-from router.flagwriters import FileFlagWriter
+from router.cli.main import main
+from router.control.cutover import cutover
+from router.control.flagfile import read_flag_file, set_tenants, tenant_variation
+from router.control.flagwriters import FileFlagWriter
 from tests.conftest import refused_url
 from tests.procs import run_router
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from router.flagfile import set_tenants
+from router.control.flagfile import set_tenants
 from tests.procs import Backend, Procs, RouterProc, rss_bytes, write_config
 
 SIZE = 256 * 1024 * 1024

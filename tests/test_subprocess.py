@@ -24,8 +24,8 @@ import pytest
 import yaml
 from ldclient.impl.integrations.files import file_data_source
 
-from router.flagfile import read_flag_file, set_tenants, tenant_variation
-from router.flags import FlagSource
+from router.control.flagfile import read_flag_file, set_tenants, tenant_variation
+from router.control.flags import FlagSource
 from router.settings import FlagSettings
 from tests.procs import (
     Backend,

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 
+from router.proxy.identify import TenantIdentifier
 from router.settings import TenantSettings
-from router.tenant import TenantIdentifier
 
 
 def b64url(data: bytes) -> str:

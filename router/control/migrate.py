@@ -37,9 +37,9 @@ from typing import IO, Any, Final, TypeVar
 
 import httpx
 
-from router.cutover import CutoverResult, Routers, Step, cutover
-from router.flagfile import FlagFileError, _check_tenant
-from router.flagwriters import FlagWriter
+from router.control.cutover import CutoverResult, Routers, Step, cutover
+from router.control.flagfile import FlagFileError, check_tenant
+from router.control.flagwriters import FlagWriter
 
 DEFAULT_WAVE_SIZE: Final = 100
 DEFAULT_CONCURRENCY: Final = 4
@@ -80,7 +80,7 @@ def read_tenants(path: Path) -> tuple[list[Entry], list[str]]:
             raise MigrateError(f"{path}:{number}: expected `tenant` or `tenant,size`: {raw!r}")
         tenant = fields[0]
         try:
-            _check_tenant(tenant)
+            check_tenant(tenant)
         except FlagFileError as exc:
             raise MigrateError(f"{path}:{number}: {exc}") from None
         size: float | None = None

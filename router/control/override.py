@@ -41,7 +41,7 @@ The signature (a contract for test suites in any language)
 
 From Python (tests in this repo, or any suite that can import the package):
 
-    from router.override import signed_headers
+    from router.control.override import signed_headers
     headers = signed_headers(os.environ["ROUTER_OVERRIDE_SECRET"], "new", "acme")
 
 From a shell (`router sign acme new` prints the same), or as a model for any language:

@@ -38,10 +38,10 @@ from typing import IO, Any
 
 import httpx
 
-from router.cli_cutover import UsageError, _admin_token, _admins, _config_tree, _count, _marks
-from router.cutover import MISMATCH_KINDS, Routers, ShadowTotals, ShadowView, format_rate
+from router.cli.cutover import UsageError, _admin_token, _admins, _config_tree, _count, _marks
+from router.control.cutover import MISMATCH_KINDS, Routers, ShadowTotals, ShadowView, format_rate
+from router.proxy.identify import TenantIdentifier
 from router.settings import TenantSettings
-from router.tenant import TenantIdentifier
 
 EXIT_OK = 0
 EXIT_FAILED = 1

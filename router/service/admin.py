@@ -15,13 +15,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from router.errors import AdminDisabled, BadRequest, RouterError, Unauthorized
-from router.metrics import merge, render
+from router.proxy.metrics import merge, render
+from router.proxy.shadow import merge_views
+from router.service.workers import ask_siblings
 from router.settings import TARGETS
-from router.shadow import merge_views
-from router.workers import ask_siblings
 
 if TYPE_CHECKING:
-    from router.app import RouterApp
+    from router.service.app import RouterApp
 
 ROUTER_APP = web.AppKey("router_app", object)
 

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from router.cutover import (
+from router.control.cutover import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_MAX_LAG,
     DEFAULT_REPLICATION_TIMEOUT,
@@ -49,14 +49,14 @@ from router.cutover import (
     Step,
     cutover,
 )
-from router.flagfile import DEFAULT_FLAG_KEY
-from router.flagwriters import (
+from router.control.flagfile import DEFAULT_FLAG_KEY
+from router.control.flagwriters import (
     LD_BASE_URL,
     FileFlagWriter,
     FlagWriterError,
     LaunchDarklyFlagWriter,
 )
-from router.migrate import (
+from router.control.migrate import (
     DEFAULT_CONCURRENCY,
     DEFAULT_WAVE_SIZE,
     Entry,

@@ -34,15 +34,15 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, Literal, TypeVar
 
+from router.control.flags import FlagSource
 from router.errors import HoldOverflow, HoldTimeout, LedgerUnavailable
-from router.flags import FlagSource
 from router.settings import PinnedPath, Settings
 
 if TYPE_CHECKING:
-    from router.ledger import Ledger
-    from router.override import OverrideVerifier
+    from router.control.ledger import Ledger
+    from router.control.override import OverrideVerifier
 
-log = logging.getLogger("router.routing")
+log = logging.getLogger("router.proxy.decide")
 T = TypeVar("T")
 
 Decision = Literal["legacy", "new", "hold"]

@@ -6,7 +6,7 @@ nothing to say so. setup.py records the SHA-256 of every source a build depends 
 router/_compiled.py; check_fresh() compares them with the sources on disk, once per process
 (hashing ~250 KB: about a millisecond), and refuses a build that no longer matches.
 
-`python -m router.native` says which it is (exit 0 fresh, 1 stale, 2 pure Python):
+`python -m router.service.native` says which it is (exit 0 fresh, 1 stale, 2 pure Python):
 `make compile` uses it to rebuild only when needed.
 """
 
@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-PACKAGE_DIR: Final = Path(__file__).resolve().parent  # the digests' paths: from its parent
+# The router package (router/service/native.py -> router/): the digests' paths are
+# relative to its parent.
+PACKAGE_DIR: Final = Path(__file__).resolve().parent.parent
 
 
 class StaleBuild(RuntimeError):
@@ -28,7 +30,8 @@ class StaleBuild(RuntimeError):
 
 @dataclass(frozen=True)
 class BuildState:
-    compiled: tuple[str, ...]  # modules whose compiled form is installed (router/front.py)
+    # modules whose compiled form is installed (router/proxy/connection.py)
+    compiled: tuple[str, ...]
     changed: tuple[str, ...]  # sources that differ from what the build was made from
 
     @property

@@ -45,12 +45,13 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import secrets
 import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final
+
+from router.domain import DEFAULT_TENANT_ID_MAX_LENGTH, tenant_id_problem
 
 VARIATIONS: Final = ("legacy", "hold", "new")
 DEFAULT_FLAG_KEY: Final = "tenant-routing"
@@ -59,8 +60,6 @@ DEFAULT_FLAG_KEY: Final = "tenant-routing"
 # it as the default to `variation()`.
 DEFAULT_VARIATION: Final = "legacy"
 CONTEXT_KIND: Final = "tenant"
-
-_TENANT_RE: Final = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 
 
 class FlagFileError(Exception):
@@ -160,7 +159,7 @@ def set_tenants(
         raise FlagFileError(f"tenants must be a collection of ids, not the string {tenants!r}")
     wanted = list(dict.fromkeys(tenants))  # de-duplicated, first-seen order
     for tenant in wanted:
-        _check_tenant(tenant)
+        check_tenant(tenant)
     target = _resolve(Path(path))
     where = str(path)
     with _exclusive_lock(target, where):
@@ -220,11 +219,11 @@ def _check_value(value: object) -> None:
         raise FlagFileError(f"variation must be one of {', '.join(VARIATIONS)}; got {value!r}")
 
 
-def _check_tenant(tenant: object) -> None:
-    if not isinstance(tenant, str) or not _TENANT_RE.fullmatch(tenant):
-        raise FlagFileError(
-            f"invalid tenant id {tenant!r}: 1-128 characters from A-Z a-z 0-9 . _ : @ -"
-        )
+def check_tenant(tenant: object, max_length: int = DEFAULT_TENANT_ID_MAX_LENGTH) -> None:
+    """FlagFileError unless `tenant` passes the router's tenant-id rule (router.domain)."""
+    problem = tenant_id_problem(tenant, max_length)
+    if problem is not None:
+        raise FlagFileError(problem)
 
 
 def _check_writable(flag: dict[str, Any], flag_key: str, value: str, where: str) -> int:

@@ -44,16 +44,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from router.errors import RouterError, UpstreamReset
-from router.front import Request
-from router.relay import HeaderRules, build_request_head
-from router.routing import compile_path_patterns
+from router.proxy.connection import Request
+from router.proxy.decide import compile_path_patterns
+from router.proxy.relay import HeaderRules, build_request_head
+from router.proxy.upstream import UpstreamConnection, UpstreamPool, UpstreamResponse
 from router.settings import ShadowSettings
-from router.upstream import UpstreamConnection, UpstreamPool, UpstreamResponse
 
 if TYPE_CHECKING:
-    from router.metrics import Metrics
+    from router.proxy.metrics import Metrics
 
-log = logging.getLogger("router.shadow")
+log = logging.getLogger("router.proxy.shadow")
 
 SAFE_METHODS: Final = frozenset({"GET", "HEAD"})
 MISMATCH_KINDS: Final = ("status", "header", "body", "error")

@@ -5,7 +5,7 @@
 The secret is read from the environment only (`ROUTER_OVERRIDE_SECRET`, or the variable
 named by --secret-env), never from an argument: an argument lands in shell history and in
 `ps` for every user of the machine. The signature is valid for the router's
-`routing.override_window` (default 300 s) around now; see router/override.py for the
+`routing.override_window` (default 300 s) around now; see router/control/override.py for the
 format, to produce it from a test suite directly.
 
     --format headers   X-Router-Target: new
@@ -27,7 +27,7 @@ import shlex
 import sys
 from collections.abc import Callable
 
-from router.override import TARGETS, signed_headers
+from router.control.override import TARGETS, signed_headers
 
 DEFAULT_SECRET_ENV = "ROUTER_OVERRIDE_SECRET"
 EXIT_USAGE = 2
@@ -63,8 +63,8 @@ def register(
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
+    from router.proxy.identify import TenantIdentifier
     from router.settings import TenantSettings
-    from router.tenant import TenantIdentifier
 
     secret = os.environ.get(args.secret_env)
     if not secret:

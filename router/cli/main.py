@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from router.native import StaleBuild, check_fresh
+from router.service.native import StaleBuild, check_fresh
 from router.settings import ConfigError, Settings, load_settings
 
 DEFAULT_CONFIG = "config/router.yaml"
@@ -48,7 +48,7 @@ def _load(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from router.server import run
+    from router.service.server import run
 
     return run(_load(args))
 
@@ -57,7 +57,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _load(args)
     problems = []
     if settings.flags.source == "file" and settings.flags.file is not None:
-        from router.flagfile import FlagFileError, read_flag_file
+        from router.control.flagfile import FlagFileError, read_flag_file
 
         try:
             data = read_flag_file(settings.flags.file)
@@ -103,10 +103,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 async def _explain(settings: Settings, tenant: str) -> dict[str, Any]:
-    from router.flags import FlagSource
-    from router.ledger import LedgerError, open_ledger
-    from router.routing import Decider, LedgerView
-    from router.tenant import TenantIdentifier
+    from router.control.flags import FlagSource
+    from router.control.ledger import LedgerError, open_ledger
+    from router.proxy.decide import Decider, LedgerView
+    from router.proxy.identify import TenantIdentifier
 
     if not TenantIdentifier(settings.tenant).is_valid(tenant):
         return {"tenant": tenant, "error": "not a valid tenant id"}
@@ -121,7 +121,7 @@ async def _explain(settings: Settings, tenant: str) -> dict[str, Any]:
         await flags.start(wait=max(settings.flags.start_wait, 1.0))
         if not flags.ready:
             return {"tenant": tenant, "error": "flag data could not be loaded"}
-        from router.shadow import ShadowPolicy
+        from router.proxy.shadow import ShadowPolicy
 
         shadow = ShadowPolicy(settings.shadow, flags.evaluate) if settings.shadow.enabled else None
         decider = Decider(settings, flags, ledger, shadow_rate=shadow.rate if shadow else None)
@@ -148,7 +148,7 @@ async def _explain(settings: Settings, tenant: str) -> dict[str, Any]:
 
 
 def cmd_flags_set(args: argparse.Namespace) -> int:
-    from router.flagfile import DEFAULT_FLAG_KEY, FlagFileError, set_tenant
+    from router.control.flagfile import DEFAULT_FLAG_KEY, FlagFileError, set_tenant
 
     path = args.file
     flag_key = args.flag_key
@@ -223,10 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
 COMMAND_MODULES: tuple[str, ...] = tuple(
     name
     for name in (
-        "router.cli_tenants",
-        "router.cli_sign",
-        "router.cli_cutover",
-        "router.cli_shadow",
+        "router.cli.tenants",
+        "router.cli.sign",
+        "router.cli.cutover",
+        "router.cli.shadow",
     )
     if importlib.util.find_spec(name) is not None
 )

@@ -36,7 +36,7 @@ from ldclient.interfaces import DataSourceStatus
 
 from router.settings import FlagSettings
 
-log = logging.getLogger("router.flags")
+log = logging.getLogger("router.control.flags")
 
 # With PyYAML importable (it is: config/router.yaml) the SDK parses flag files with pure
 # Python `yaml.safe_load`, holding the GIL about 0.36 s per 10,000 targeted tenants on

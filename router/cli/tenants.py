@@ -20,8 +20,8 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from router.cli import _load
-from router.ledger import (
+from router.cli.main import _load
+from router.control.ledger import (
     Ledger,
     LedgerError,
     SqliteLedger,
@@ -29,7 +29,7 @@ from router.ledger import (
     open_ledger,
     sqlite_path,
 )
-from router.tenant import TenantIdentifier
+from router.proxy.identify import TenantIdentifier
 
 EXIT_USAGE = 2
 T = TypeVar("T")

@@ -44,7 +44,7 @@ from urllib.parse import quote
 
 import httpx
 
-from router.flagwriters import FlagWriter, FlagWriterError
+from router.control.flagwriters import FlagWriter, FlagWriterError
 
 Outcome = Literal["moved", "already-new", "refused", "rolled-back", "stuck"]
 STEPS: Final = ("preflight", "hold", "drain", "replication", "new", "verify")

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import aiohttp
 
-log = logging.getLogger("router.workers")
+log = logging.getLogger("router.service.workers")
 
 WORKER_ID_ENV: Final = "ROUTER_WORKER_ID"
 WORKER_DIR_ENV: Final = "ROUTER_WORKER_DIR"

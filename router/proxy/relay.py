@@ -27,8 +27,13 @@ from typing import Final
 from yarl import URL
 
 from router.errors import BadRequest, BodyTooLarge, ClientTimeout, RouterError, UpstreamReset
-from router.front import Request, status_line
-from router.upstream import RETRYABLE_METHODS, UpstreamConnection, UpstreamPool, UpstreamResponse
+from router.proxy.connection import Request, status_line
+from router.proxy.upstream import (
+    RETRYABLE_METHODS,
+    UpstreamConnection,
+    UpstreamPool,
+    UpstreamResponse,
+)
 
 HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",

@@ -29,14 +29,14 @@ from typing import Any
 
 from aiohttp import web
 
-from router.accesslog import configure_logging
-from router.admin import build_admin_app, build_internal_app
-from router.app import RouterApp
-from router.native import build_state
+from router.proxy.accesslog import configure_logging
+from router.service.admin import build_admin_app, build_internal_app
+from router.service.app import RouterApp
+from router.service.native import build_state
+from router.service.workers import WORKER_COUNT_ENV, WORKER_DIR_ENV, WORKER_ID_ENV, WorkerInfo
 from router.settings import Settings
-from router.workers import WORKER_COUNT_ENV, WORKER_DIR_ENV, WORKER_ID_ENV, WorkerInfo
 
-log = logging.getLogger("router.server")
+log = logging.getLogger("router.service.server")
 
 # Set in worker processes started by the supervisor.
 _WORKER_ENV = WORKER_ID_ENV
@@ -115,7 +115,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
             "legacy": settings.upstreams.legacy.url,
             "new": settings.upstreams.new.url,
             "flag_source": settings.flags.source,
-            # Compiled or pure Python (router/native.py): a pure-Python image is slower.
+            # Compiled or pure Python (router/service/native.py): a pure-Python image is slower.
             "build": build_state().describe,
             "pid": os.getpid(),
             # The ports actually bound: with port 0 in the config (tests, ad-hoc runs) the

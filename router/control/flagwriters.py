@@ -8,7 +8,7 @@
 
 Two implementations:
 
-- `FileFlagWriter`: the local flag file (router/flagfile.py: atomic, locked, version-bumped
+- `FileFlagWriter`: the local flag file (router/control/flagfile.py: atomic, locked, version-bumped
   writes), called through `asyncio.to_thread` so a slow disk never stalls the event loop
   that polls the routers' admin ports.
 - `LaunchDarklyFlagWriter`: LaunchDarkly's REST API v2 over `httpx.AsyncClient`.
@@ -56,12 +56,12 @@ from urllib.parse import quote
 
 import httpx
 
-from router.flagfile import (
+from router.control.flagfile import (
     CONTEXT_KIND,
     DEFAULT_FLAG_KEY,
     VARIATIONS,
     FlagFileError,
-    _check_tenant,
+    check_tenant,
     read_flag_file,
     set_tenant,
     tenant_variation,
@@ -93,7 +93,7 @@ class FlagWriter(Protocol):
 
 def _check(tenant: str, value: str | None = None) -> None:
     try:
-        _check_tenant(tenant)
+        check_tenant(tenant)
     except FlagFileError as exc:
         raise FlagWriterError(str(exc)) from None
     if value is not None and value not in VARIATIONS:
@@ -104,7 +104,7 @@ def _check(tenant: str, value: str | None = None) -> None:
 
 
 class FileFlagWriter:
-    """The local flag file (router.flagfile), off the event loop."""
+    """The local flag file (router.control.flagfile), off the event loop."""
 
     def __init__(self, path: Path | str, flag_key: str = DEFAULT_FLAG_KEY) -> None:
         self.path = Path(path)

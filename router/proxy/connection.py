@@ -48,7 +48,7 @@ from router.errors import (
     UriTooLong,
 )
 
-log = logging.getLogger("router.front")
+log = logging.getLogger("router.proxy.connection")
 
 # Request body bytes buffered per request before the client's socket is paused (reading
 # resumes once the handler has taken what is buffered).

@@ -1,7 +1,7 @@
 """The scheduled-job gate: background work asks which account owns a tenant, and gets the
 router's own answer, so a nightly job runs in exactly one of them.
 
-    from router.gate import Gate
+    from router.control.gate import Gate
     from router.settings import load_settings
 
     async with Gate(load_settings("config/router.yaml")) as gate:
@@ -27,10 +27,10 @@ import asyncio
 from types import TracebackType
 from typing import Literal
 
+from router.control.flags import FlagSource
+from router.control.ledger import open_ledger
 from router.errors import HoldTimeout
-from router.flags import FlagSource
-from router.ledger import open_ledger
-from router.routing import Decider, LedgerView
+from router.proxy.decide import Decider, LedgerView
 from router.settings import Settings
 
 Owner = Literal["legacy", "new"]
