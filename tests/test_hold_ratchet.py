@@ -77,9 +77,7 @@ async def test_held_requests_wait_then_go_where_the_flag_points(
 ) -> None:
     router = await start(backends, flag_file, start_router)
     set_tenants(flag_file, ["acme"], "hold")
-    await wait_for(
-        lambda: router.app.decider.evaluate("acme").target == "hold", what="hold seen"
-    )
+    await wait_for(lambda: router.app.decider.evaluate("acme").target == "hold", what="hold seen")
     held = [asyncio.ensure_future(get(client, f"{router.url}/h{i}", "acme")) for i in range(5)]
     await wait_for(lambda: router.app.decider.holds.held("acme") == 5, what="5 held")
     state = await admin(client, router, "/admin/tenants/acme")
