@@ -24,7 +24,7 @@ from router.settings import (
     load_settings,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 BASE: dict[str, Any] = {
     "server": {"listen": "127.0.0.1:7000", "admin_listen": "127.0.0.1:7001", "workers": 3},

@@ -4,9 +4,9 @@ test_fastpath.py holds what any fast path must get right (framing, pipelining, c
 leave early); test_client_errors.py what the parser must refuse. This file holds what the
 front decides on its own: a client that half-closes still gets its answer, idle keep-alive
 connections close on time (busy ones do not), an answer given before the whole request body
-arrived leaves the connection usable, a deep pipeline is answered in order, the
-response-head deadline fires on time without a timer per request, and the header lookup
-the handler reads is case-insensitive with the first value winning.
+arrived leaves the connection usable, a deep pipeline is answered in order, and the
+response-head deadline fires on time without a timer per request (the header lookup the
+handler reads: tests/unit/test_front_headers.py).
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from router.proxy.connection import Headers
 from tests.conftest import Backends, RunningRouter, StartRouter
-from tests.test_fastpath import (
+from tests.integration.test_fastpath import (
     IdUpstream,
     UpstreamFactory,
     answer,
@@ -152,27 +151,6 @@ async def test_response_head_deadline_fires_on_time(
     rid = fresh_id("late")
     reply = await exchange(router.port, request("GET", f"/id/{rid}?delay=0.35", tenant="acme"))
     assert (reply.status, reply.body) == (200, id_body("up", rid))
-
-
-def test_headers_lookup_is_case_insensitive_first_value_wins() -> None:
-    raw = [
-        (b"Host", b"a.test"),
-        (b"X-Tenant-Id", b"acme"),
-        (b"x-tenant-id", b"globex"),
-        (b"X-Note", b"cr\xc3\xa8me \xff"),
-    ]
-    headers = Headers(raw)
-    assert headers.get("x-TENANT-id") == "acme"
-    assert headers["HOST"] == "a.test"
-    assert headers.getall("X-Tenant-Id") == ["acme", "globex"]
-    assert "host" in headers and "X-Missing" not in headers
-    assert headers.get("X-Missing") is None and headers.get("X-Missing", "d") == "d"
-    # Values decode as UTF-8, undecodable bytes kept as surrogates (as aiohttp did).
-    assert headers.get("x-note") == "crème \udcff"
-    assert list(headers) == ["Host", "X-Tenant-Id", "x-tenant-id", "X-Note"]
-    assert len(headers) == 4
-    with pytest.raises(KeyError):
-        headers["X-Missing"]
 
 
 async def test_host_bytes_outside_utf8_are_relayed_as_sent(router: RunningRouter) -> None:

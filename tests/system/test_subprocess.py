@@ -7,7 +7,6 @@ while the router runs. Every process is stopped by pid when the test ends (tests
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import os
@@ -22,11 +21,8 @@ from typing import Any
 
 import pytest
 import yaml
-from ldclient.impl.integrations.files import file_data_source
 
 from router.control.flagfile import read_flag_file, set_tenants, tenant_variation
-from router.control.flags import FlagSource
-from router.settings import FlagSettings
 from tests.procs import (
     Backend,
     Procs,
@@ -215,37 +211,6 @@ def test_not_ready_until_the_flag_file_exists(
     print(f"ready {(time.monotonic() - created) * 1000:.0f} ms after the flag file appeared")
     assert router.admin("/readyz").json()["checks"]["flags_loaded"] is True
     assert side(router.get("/", tenant="acme")) == "new"
-
-
-@pytest.mark.parametrize("exists", [False, True], ids=["created", "flipped"])
-async def test_a_flag_write_while_the_sdk_starts_is_not_lost(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, exists: bool
-) -> None:
-    """In-process, with a hook in the SDK: the file is written at the worst moment of the
-    SDK's start-up, after its first load and before its poller's first mtime reading (the
-    window the subprocess test above can hit by chance, and did, under load)."""
-    flag_file = tmp_path / "flags.json"
-    if exists:
-        set_tenants(flag_file, ["acme"], "legacy", create=True)
-    original = file_data_source._FileDataSource._start_auto_updater
-    writes: list[str] = []
-
-    def start_auto_updater(self: Any) -> Any:
-        if not writes:
-            writes.append("written")
-            set_tenants(flag_file, ["acme"], "new", create=True)
-        return original(self)
-
-    monkeypatch.setattr(file_data_source._FileDataSource, "_start_auto_updater", start_auto_updater)
-    flags = FlagSource(FlagSettings(file=flag_file, poll_interval=0.1), asyncio.get_running_loop())
-    try:
-        await flags.start(wait=2.0)
-        await asyncio.sleep(0.3)  # a few polls: the poller alone would never see it
-        assert writes == ["written"]
-        assert flags.ready
-        assert flags.variation("acme", "unset") == "new"
-    finally:
-        await flags.close()
 
 
 # ---- (d) signals ------------------------------------------------------------------
