@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -25,12 +24,15 @@ import uvloop
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from router.control.flagfile import set_tenants
+from router.control.flagfile import new_flag, set_tenants
 from router.service.admin import build_admin_app
 from router.service.app import RouterApp
 from router.service.native import StaleBuild, build_state, check_fresh
 from router.settings import Settings
-from tests.redis_server import RedisServer, start_redis
+from tests.support.flag_files import FLAG, write_json
+from tests.support.net import free_port
+from tests.support.paths import REPO
+from tests.support.redis_server import RedisServer, start_redis
 
 # ---- the build under test -----------------------------------------------------------
 
@@ -235,13 +237,6 @@ async def raw_upstream() -> AsyncIterator[Callable[[RawHandler], Awaitable[RawUp
         await server.wait_closed()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def refused_url() -> str:
     """A loopback URL nothing listens on (bound then closed: connect is refused)."""
     return f"http://127.0.0.1:{free_port()}"
@@ -256,6 +251,14 @@ def flag_file(tmp_path: Path) -> Path:
     path = tmp_path / "flags.json"
     set_tenants(path, ["acme"], "legacy", create=True)
     set_tenants(path, ["globex"], "new")
+    return path
+
+
+@pytest.fixture
+def flag_path(tmp_path: Path) -> Path:
+    """A flags file holding the routing flag alone, no tenant targeted."""
+    path = tmp_path / "flags.json"
+    write_json(path, {"flags": {FLAG: new_flag()}})
     return path
 
 
@@ -513,7 +516,7 @@ def tests_leave_no_ledger_in_the_repo() -> Iterator[None]:
     """The default ledger (sqlite:///router-ledger.db) is relative to the working
     directory: a test that forgot to point it at its tmp dir would share ratchet state with
     every later test and with `make run`. Fail the session if one did."""
-    stray = Path(__file__).resolve().parent.parent / "router-ledger.db"
+    stray = REPO / "router-ledger.db"
     existed = stray.exists()
     yield
     assert existed or not stray.exists(), "a test wrote router-ledger.db into the repo"
@@ -521,7 +524,7 @@ def tests_leave_no_ledger_in_the_repo() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One real redis-server for the session (tests/redis_server.py)."""
+    """One real redis-server for the session (tests/support/redis_server.py)."""
     server = start_redis(tmp_path_factory.mktemp("redis"))
     try:
         yield server

@@ -28,7 +28,6 @@ import itertools
 import json
 import socket
 import struct
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from tests.conftest import (
     StartRouter,
     router_settings,
 )
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 
@@ -162,13 +162,6 @@ async def exchange(port: int, data: bytes, *, head: bool = False) -> Reply:
     async with connect(port) as (reader, writer):
         writer.write(data)
         return await read_reply(reader, head=head)
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def pool_settled(router: RunningRouter, side: str = "legacy") -> Callable[[], bool]:
@@ -471,9 +464,9 @@ async def test_upstream_connection_close_is_never_reused(
             assert (reply.status, reply.body) == (200, id_body("up", rid)), reply
             assert reply.get("connection") is None  # hop-by-hop: not the client's
             assert upstream.connections == index + 1
-    await wait_until(lambda: closed == 4)  # every connection's time to misuse is over
+    await wait_for(lambda: closed == 4)  # every connection's time to misuse is over
     assert sent_on_closed == []
-    await wait_until(lambda: router.app.pools["legacy"].idle_count == 0)
+    await wait_for(lambda: router.app.pools["legacy"].idle_count == 0)
 
 
 @pytest.mark.parametrize("how", ["fin", "rst"])
@@ -527,7 +520,7 @@ async def test_upstream_closing_an_idle_connection(
     # The long delays did see the upstream close its connections.
     assert upstream.connections >= 4
     assert post_statuses[:2] == [200, 200]  # long after the close: never a 502
-    await wait_until(pool_settled(router))
+    await wait_for(pool_settled(router))
 
 
 @pytest.mark.parametrize("how", ["fin", "rst"])
@@ -576,7 +569,7 @@ async def test_upstream_closing_mid_body_aborts_the_client(
     assert len(received) <= cut
     assert set(received) <= {ord("c")}  # body bytes only: nothing after them
     assert upstream_script.targets[0] == [f"/id/{rid}", "/cut/1"]  # the reused connection
-    await wait_until(pool_settled(router))
+    await wait_for(pool_settled(router))
     rid = fresh_id("after")
     reply = await exchange(router.port, request("GET", f"/id/{rid}"))
     assert (reply.status, reply.body) == (200, id_body("up", rid))
@@ -688,7 +681,7 @@ async def test_client_leaving_early_does_not_poison_the_pool(
     await asyncio.wait_for(finished.wait(), TIMEOUT)
     await asyncio.sleep(0.1)
     await assert_answers_are_their_own(router)
-    await wait_until(pool_settled(router))
+    await wait_for(pool_settled(router))
 
 
 @pytest.mark.parametrize("framing", ["chunked", "length"])
@@ -736,7 +729,7 @@ async def test_client_leaving_mid_upload_drops_the_upstream_connection(
     assert b"u" * 32768 in received  # the upload did reach the upstream ...
     assert b"HTTP/1.1" not in received  # ... and nothing after it on that connection
     assert upstream_script.targets[0] == ["/id/warm", "/upload/1"]
-    await wait_until(pool_settled(router))
+    await wait_for(pool_settled(router))
 
 
 # ---- 5. keep-alive on the client side ------------------------------------------------
@@ -791,7 +784,7 @@ async def test_client_connection_close_is_honoured(
     assert reply.get("connection") == "close"
     assert rest == b""
     assert upstream.connections == 1
-    await wait_until(lambda: router.app.pools["legacy"].idle_count == 1)
+    await wait_for(lambda: router.app.pools["legacy"].idle_count == 1)
 
 
 # ---- 6. responses without a body on a kept-alive connection --------------------------

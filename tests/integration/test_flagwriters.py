@@ -375,6 +375,3 @@ async def test_flag_turned_off_is_not_targeted(make_ld: MakeLD) -> None:
     with pytest.raises(FlagWriterError, match="is off"):
         await writer.set("acme", "hold")
     assert fake.patches() == []
-
-
-# ---- the flag file ----------------------------------------------------------------------

@@ -27,7 +27,8 @@ from tests.conftest import (
     router_settings,
     sample,
 )
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
+from tests.support.waiting import wait_for
 
 SECRET = "test-override-secret"
 
@@ -47,18 +48,6 @@ async def admin(client: aiohttp.ClientSession, router: RunningRouter, path: str)
     async with client.get(f"{router.admin_url}{path}", headers=ADMIN_HEADERS) as response:
         assert response.status == 200, await response.text()
         return await response.json()
-
-
-async def wait_for(predicate: Any, timeout: float = 5.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def start(

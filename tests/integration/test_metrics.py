@@ -7,7 +7,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import Backends, RunningRouter, sample
-from tests.metric_names import EXPORTED_METRICS, METRIC_KINDS
+from tests.support.metric_names import EXPORTED_METRICS, METRIC_KINDS
 
 
 async def scrape(client: aiohttp.ClientSession, router: RunningRouter) -> dict[str, dict]:

@@ -26,10 +26,10 @@ from tests.conftest import (
     ADMIN_TOKEN,
     RunningRouter,
     StartRouter,
-    free_port,
     router_settings,
     sample,
 )
+from tests.support.net import free_port
 
 LARGE = 2 * 1024 * 1024  # over max_compare_bytes: compared by hash only
 
@@ -555,9 +555,6 @@ async def test_admin_shadow_without_shadowing_configured(
         body = await response.json()
     assert body["enabled"] is False and body["tenants"] == {} and body["recent"] == []
     assert sides.new.requests == []
-
-
-# ---- units: comparison and merging ---------------------------------------------------
 
 
 # ---- the cutover gate, end to end ----------------------------------------------------

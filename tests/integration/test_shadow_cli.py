@@ -23,7 +23,7 @@ from router.control.cutover import cutover
 from router.control.flagfile import read_flag_file, set_tenants, tenant_variation
 from router.control.flagwriters import FileFlagWriter
 from tests.conftest import refused_url
-from tests.procs import run_router
+from tests.support.procs import run_router
 
 TOKEN = "shadow-test-token"
 T0 = 1_764_600_000.0  # canned timestamps: T0 + seconds

@@ -35,6 +35,7 @@ from tests.conftest import (
     sample,
     serve_ok,
 )
+from tests.support.waiting import wait_for
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 
@@ -97,13 +98,6 @@ def upstream_errors(router: RunningRouter, code: str) -> float:
 def pool_connections(router: RunningRouter, side: str = "legacy") -> int:
     pool = router.app.pools[side]
     return pool.idle_count + pool.active_count
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = 1.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def reset(writer: asyncio.StreamWriter) -> None:
@@ -460,7 +454,7 @@ async def test_connection_closed_while_idle_is_never_used(
     upstream = await raw_upstream(one_then_close)
     router = await make_router(upstream.url)
     assert (await raw_request(router.port, GET)).status == 200
-    await wait_until(lambda: pool_connections(router) == 0)
+    await wait_for(lambda: pool_connections(router) == 0)
     post = b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
     response = await raw_request(router.port, post)
     assert (response.status, response.body) == (200, b"ok")

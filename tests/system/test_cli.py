@@ -21,17 +21,10 @@ import pytest
 import yaml
 
 from router.control.flagfile import new_flag, read_flag_file, set_tenants, tenant_variation
-from tests.procs import REPO, ROUTER_SCRIPT, Procs, child_env, run_router
+from tests.support.paths import REPO
+from tests.support.procs import ROUTER_SCRIPT, Procs, child_env, run_router
 
 CONFIG = REPO / "config" / "router.yaml"
-
-
-@pytest.fixture
-def flag_file(tmp_path: Path) -> Path:
-    path = tmp_path / "flags.json"
-    set_tenants(path, ["acme"], "legacy", create=True)
-    set_tenants(path, ["globex"], "new")
-    return path
 
 
 def config_tree(flag_file: Path | str = "flags.json") -> dict[str, Any]:

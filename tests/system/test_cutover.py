@@ -25,16 +25,16 @@ import pytest
 
 from router.control.cutover import check_replication
 from router.control.flagfile import read_flag_file, set_tenants, tenant_variation
-from tests.procs import (
+from tests.support.net import free_port
+from tests.support.procs import (
     ROUTER,
     Procs,
     RouterProc,
-    free_port,
     request,
     run_router,
-    wait_until,
-    write_config,
+    start_fleet,
 )
+from tests.support.waiting import wait_until
 
 TOKEN = "cutover-test-admin-token"
 STEPS = ["preflight", "hold", "drain", "new", "verify"]
@@ -78,13 +78,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     set_tenants(flags, ["acme", "initech", "hooli", "umbrella", "wayne"], "legacy", create=True)
     set_tenants(flags, ["globex"], "new")
     with Procs() as procs:
-        legacy, new = procs.backend("legacy"), procs.backend("new")
-        routers = []
-        for name in ("a", "b"):
-            home = tmp / name
-            home.mkdir()
-            config = write_config(home / "router.yaml", legacy, new, flags)
-            routers.append(procs.router(config, env={"ROUTER_ADMIN_TOKEN": TOKEN}))
+        routers = start_fleet(procs, tmp, flags, TOKEN)
         yield Fleet(routers, flags, tmp)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import http.server
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -28,27 +27,19 @@ import pytest
 import yaml
 
 from router.control.flagfile import set_tenants
-from tests.procs import Procs, child_env, write_config
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-TASK_DEFINITION = REPO / "config" / "ecs" / "task-definition.json"
-
-
-PROMETHEUS = REPO / "config" / "prometheus" / "prometheus.yml"
-
-
-ALERTS = REPO / "config" / "prometheus" / "alerts.yml"
-
-
-ALERTS_TEST = REPO / "config" / "prometheus" / "alerts_test.yml"
-
-
-DASHBOARD = REPO / "config" / "grafana" / "router-dashboard.json"
-
-
-LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
+from tests.support.deploy_files import (
+    ALERTS,
+    ALERTS_TEST,
+    LOCUSTFILE,
+    PROMETHEUS,
+    dashboard_exprs,
+    read_alert_rules,
+    read_dashboard,
+    read_task_definition,
+    router_container,
+)
+from tests.support.paths import REPO
+from tests.support.procs import Procs, child_env, write_config
 
 
 def promtool() -> str:
@@ -79,10 +70,7 @@ def run_promtool(*args: str, cwd: Path = REPO) -> str:
 
 @pytest.fixture(scope="module")
 def alert_rules() -> list[dict[str, Any]]:
-    data = yaml.safe_load(ALERTS.read_text())
-    rules = [rule for group in data["groups"] for rule in group["rules"]]
-    assert rules
-    return rules
+    return read_alert_rules()
 
 
 def test_promtool_checks_the_prometheus_config() -> None:
@@ -113,33 +101,14 @@ def test_promtool_alert_unit_tests_pass(alert_rules: list[dict[str, Any]]) -> No
 
 @pytest.fixture(scope="module")
 def dashboard() -> dict[str, Any]:
-    data = json.loads(DASHBOARD.read_text())
-    assert isinstance(data, dict)
-    return data
-
-
-def _panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for panel in dashboard["panels"]:
-        out.append(panel)
-        out.extend(panel.get("panels", []))  # a collapsed row keeps its panels inside
-    return out
-
-
-def _exprs(dashboard: dict[str, Any]) -> list[str]:
-    return [
-        target["expr"]
-        for panel in _panels(dashboard)
-        for target in panel.get("targets", [])
-        if "expr" in target
-    ]
+    return read_dashboard()
 
 
 def test_dashboard_queries_parse_as_promql(dashboard: dict[str, Any], tmp_path: Path) -> None:
     """Each query, with Grafana's variables filled in, as a recording rule: promtool parses
     it (a typo in a bracket or a function name fails here, not in front of an SRE)."""
     rules = []
-    for i, expr in enumerate(_exprs(dashboard)):
+    for i, expr in enumerate(dashboard_exprs(dashboard)):
         filled = (
             expr.replace("$__rate_interval", "1m")
             .replace("$__interval", "1m")
@@ -154,16 +123,12 @@ def test_dashboard_queries_parse_as_promql(dashboard: dict[str, Any], tmp_path: 
 
 @pytest.fixture(scope="module")
 def task() -> dict[str, Any]:
-    data = json.loads(TASK_DEFINITION.read_text())
-    assert isinstance(data, dict)
-    return data
+    return read_task_definition()
 
 
 @pytest.fixture(scope="module")
 def container(task: dict[str, Any]) -> dict[str, Any]:
-    routers = [c for c in task["containerDefinitions"] if c["name"] == "router"]
-    assert len(routers) == 1, "expected one container named router"
-    return routers[0]  # type: ignore[no-any-return]
+    return router_container(task)
 
 
 class _Readyz(http.server.BaseHTTPRequestHandler):

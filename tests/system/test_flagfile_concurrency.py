@@ -3,64 +3,18 @@ file lose no update."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import pytest
-
-import router
 from router.control.flagfile import (
     VARIATIONS,
-    new_flag,
     read_flag_file,
 )
-
-REPO = Path(router.__file__).resolve().parent.parent
-
-
-FLAG = "tenant-routing"
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def routing_flag(data: dict[str, Any]) -> dict[str, Any]:
-    flag: dict[str, Any] = data["flags"][FLAG]
-    return flag
-
-
-def targets_of(path: Path) -> dict[str, list[str]]:
-    """{variation value: tenant list} for the `tenant` target entries of the file."""
-    flag = routing_flag(read_flag_file(path))
-    result: dict[str, list[str]] = {}
-    for entry in flag["contextTargets"]:
-        assert entry["contextKind"] == "tenant"
-        result.setdefault(flag["variations"][entry["variation"]], []).extend(entry["values"])
-    return result
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
-
-
-@pytest.fixture
-def flag_path(tmp_path: Path) -> Path:
-    path = tmp_path / "flags.json"
-    write_json(path, {"flags": {FLAG: new_flag()}})
-    return path
-
+from tests.support.flag_files import routing_flag, targets_of
+from tests.support.paths import REPO
+from tests.support.waiting import wait_until
 
 WORKER = """
 import sys, time

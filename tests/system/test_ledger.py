@@ -36,8 +36,9 @@ from router.control.ledger import (
     list_entries,
     open_ledger,
 )
-from tests.procs import child_env, free_port, run_router, write_config
-from tests.redis_server import RedisServer, start_redis
+from tests.support.net import free_port
+from tests.support.procs import child_env, run_router, write_config
+from tests.support.redis_server import RedisServer, start_redis
 
 
 @pytest.fixture

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-LOADTESTS = Path(__file__).resolve().parents[2] / "loadtests"
+from tests.support.paths import REPO
+
+LOADTESTS = REPO / "loadtests"
 sys.path.insert(0, str(LOADTESTS))
 
 import verdict  # noqa: E402
@@ -24,7 +26,7 @@ def test_a_second_router_with_a_lagging_flag_file_fails_the_verdict(tmp_path: Pa
     import time
 
     from router.control.flagfile import set_tenants
-    from tests.procs import Procs, request, run_router, write_config
+    from tests.support.procs import Procs, request, run_router, write_config
 
     tenant = "tenant-lag"
     token = {"ROUTER_ADMIN_TOKEN": "lag-test-token"}

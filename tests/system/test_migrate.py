@@ -19,7 +19,15 @@ from typing import Any
 import pytest
 
 from router.control.flagfile import read_flag_file, set_tenants, tenant_variation
-from tests.procs import ROUTER, Procs, RouterProc, request, run_router, wait_until, write_config
+from tests.support.procs import (
+    ROUTER,
+    Procs,
+    RouterProc,
+    request,
+    run_router,
+    start_fleet,
+)
+from tests.support.waiting import wait_until
 
 TOKEN = "migrate-test-admin-token"
 PRE_MOVED = {"t05", "t13"}  # already on new before the run
@@ -56,13 +64,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     flags = tmp / "flags.json"
     set_tenants(flags, ["seed"], "legacy", create=True)
     with Procs() as procs:
-        legacy, new = procs.backend("legacy"), procs.backend("new")
-        routers = []
-        for name in ("a", "b"):
-            home = tmp / name
-            home.mkdir()
-            config = write_config(home / "router.yaml", legacy, new, flags)
-            routers.append(procs.router(config, env={"ROUTER_ADMIN_TOKEN": TOKEN}))
+        routers = start_fleet(procs, tmp, flags, TOKEN)
         yield Fleet(procs, routers, tmp)
 
 

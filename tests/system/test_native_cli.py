@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 
 from router.service.native import build_state
-
-REPO = Path(__file__).resolve().parents[2]
-
+from tests.support.paths import REPO
 
 compiled_only = pytest.mark.skipif(
     not build_state().compiled, reason="pure-Python checkout (make compile builds the hot path)"

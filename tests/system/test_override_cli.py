@@ -16,27 +16,8 @@ from router.control.override import (
     TARGET_HEADER,
     OverrideVerifier,
 )
-from tests.procs import run_router
-
-SECRET = "test-secret"
-
-
-NOW = 1_700_000_000
-
-
-WINDOW = 300.0
-
-
-class Clock:
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def verifier(secret: str | None = SECRET, now: float = NOW) -> OverrideVerifier:
-    return OverrideVerifier(secret, WINDOW, clock=Clock(now))
+from tests.support.procs import run_router
+from tests.support.signing import NOW, SECRET, WINDOW, verifier
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl")

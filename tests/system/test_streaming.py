@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from router.control.flagfile import set_tenants
-from tests.procs import Backend, Procs, RouterProc, rss_bytes, write_config
+from tests.support.procs import Backend, Procs, RouterProc, rss_bytes, write_config
 
 SIZE = 256 * 1024 * 1024
 CHUNK = 1024 * 1024

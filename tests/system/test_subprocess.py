@@ -2,7 +2,7 @@
 
 Two demo backends (`python -m router.demo_backend`) and the router are subprocesses on
 loopback; flags come from a flag file that `router flags set` (also a subprocess) rewrites
-while the router runs. Every process is stopped by pid when the test ends (tests/procs.py).
+while the router runs. Every process is stopped by pid when the test ends (tests/support/procs.py).
 """
 
 from __future__ import annotations
@@ -23,20 +23,20 @@ import pytest
 import yaml
 
 from router.control.flagfile import read_flag_file, set_tenants, tenant_variation
-from tests.procs import (
+from tests.support.net import free_port
+from tests.support.procs import (
     Backend,
     Procs,
     Response,
     RouterProc,
     alive,
     children,
-    free_port,
     request,
     run_router,
-    wait_until,
     write_config,
 )
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
+from tests.support.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +50,6 @@ def backends() -> Iterator[tuple[Backend, Backend]]:
 def procs() -> Iterator[Procs]:
     with Procs() as procs:
         yield procs
-
-
-@pytest.fixture
-def flag_file(tmp_path: Path) -> Path:
-    """acme -> legacy, globex -> new, everyone else legacy."""
-    path = tmp_path / "flags.json"
-    set_tenants(path, ["acme"], "legacy", create=True)
-    set_tenants(path, ["globex"], "new")
-    return path
 
 
 def start(

@@ -5,7 +5,7 @@
   health check, stopTimeout against the drain, ports against the config the task actually
   runs;
 - config/prometheus/: the scrape target, the alerts' fields, every metric name;
-- config/grafana/: the dashboard's PromQL (metric names from tests/metric_names.py, rate()
+- config/grafana/: the dashboard's PromQL (metric names from tests/support/metric_names.py, rate()
   only over counters), datasource wiring, layout, provisioning;
 - loadtests/locustfile.py: compiles without locust.
 
@@ -15,7 +15,6 @@ tests/system/test_deploy_files_tools.py.
 
 from __future__ import annotations
 
-import json
 import py_compile
 import re
 from pathlib import Path
@@ -26,27 +25,32 @@ import pytest
 import yaml
 
 from router.settings import ServerSettings, Settings, load_settings
-from tests.metric_names import (
+from tests.support.deploy_files import (
+    ALERTS,
+    DASHBOARD,
+    LOCUSTFILE,
+    PROMETHEUS,
+    PROVISIONING,
+    dashboard_exprs,
+    dashboard_panels,
+    read_alert_rules,
+    read_dashboard,
+    read_task_definition,
+    router_container,
+)
+from tests.support.metric_names import (
     COUNTERS,
     EXPORTED_METRICS,
     HISTOGRAMS,
     base_name,
 )
+from tests.support.paths import REPO
 from tests.unit.test_packaging import (
     _design_env_contract,
     compose_mounts,
     dockerfile_stages,
     image_file_source,
 )
-
-REPO = Path(__file__).resolve().parents[2]
-TASK_DEFINITION = REPO / "config" / "ecs" / "task-definition.json"
-PROMETHEUS = REPO / "config" / "prometheus" / "prometheus.yml"
-ALERTS = REPO / "config" / "prometheus" / "alerts.yml"
-DASHBOARD = REPO / "config" / "grafana" / "router-dashboard.json"
-PROVISIONING = REPO / "config" / "grafana" / "provisioning"
-LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
-
 
 # --- promtool ----------------------------------------------------------------------------
 
@@ -143,10 +147,7 @@ def settings() -> Settings:
 
 @pytest.fixture(scope="module")
 def alert_rules() -> list[dict[str, Any]]:
-    data = yaml.safe_load(ALERTS.read_text())
-    rules = [rule for group in data["groups"] for rule in group["rules"]]
-    assert rules
-    return rules
+    return read_alert_rules()
 
 
 def test_prometheus_scrapes_the_router_admin_port(
@@ -217,31 +218,12 @@ def test_alerts_use_router_metrics_and_cover_the_issue(alert_rules: list[dict[st
 
 @pytest.fixture(scope="module")
 def dashboard() -> dict[str, Any]:
-    data = json.loads(DASHBOARD.read_text())
-    assert isinstance(data, dict)
-    return data
-
-
-def _panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for panel in dashboard["panels"]:
-        out.append(panel)
-        out.extend(panel.get("panels", []))  # a collapsed row keeps its panels inside
-    return out
-
-
-def _exprs(dashboard: dict[str, Any]) -> list[str]:
-    return [
-        target["expr"]
-        for panel in _panels(dashboard)
-        for target in panel.get("targets", [])
-        if "expr" in target
-    ]
+    return read_dashboard()
 
 
 def test_dashboard_queries_use_only_exported_metrics(dashboard: dict[str, Any]) -> None:
     used: set[str] = set()
-    for expr in _exprs(dashboard):
+    for expr in dashboard_exprs(dashboard):
         used |= check_metric_names(expr)
     for variable in dashboard["templating"]["list"]:
         query = variable.get("query")
@@ -260,7 +242,7 @@ def test_dashboard_queries_use_only_exported_metrics(dashboard: dict[str, Any]) 
         "router_flag_updates_total",
         "router_route_decisions_total",
     } <= used
-    exprs = " ".join(_exprs(dashboard))
+    exprs = " ".join(dashboard_exprs(dashboard))
     assert "histogram_quantile(0.5," in exprs and "histogram_quantile(0.99," in exprs
     assert re.search(r"by \(target, code\) \(rate\(router_requests_total", exprs)
     assert re.search(r"by \(target, reason\) \(rate\(router_route_decisions_total", exprs)
@@ -279,7 +261,7 @@ def test_dashboard_is_an_importable_model_with_a_datasource_variable(
             assert variable["query"] == "prometheus"
             allowed |= {f"${{{name}}}", f"${name}"}
     assert allowed, "no datasource variable or ${DS_...} input"
-    panels = _panels(dashboard)
+    panels = dashboard_panels(dashboard)
     for panel in panels:
         sources = [panel.get("datasource")] + [
             t.get("datasource") for t in panel.get("targets", [])
@@ -297,7 +279,7 @@ def test_dashboard_is_an_importable_model_with_a_datasource_variable(
 
 def test_dashboard_panels_do_not_overlap(dashboard: dict[str, Any]) -> None:
     taken: dict[tuple[int, int], str] = {}
-    for panel in _panels(dashboard):
+    for panel in dashboard_panels(dashboard):
         pos = panel["gridPos"]
         assert pos["x"] >= 0 and pos["x"] + pos["w"] <= 24, panel["title"]
         for x in range(pos["x"], pos["x"] + pos["w"]):
@@ -392,16 +374,12 @@ SENSITIVE = frozenset({"LAUNCHDARKLY_SDK_KEY", "ROUTER_ADMIN_TOKEN", "ROUTER_OVE
 
 @pytest.fixture(scope="module")
 def task() -> dict[str, Any]:
-    data = json.loads(TASK_DEFINITION.read_text())
-    assert isinstance(data, dict)
-    return data
+    return read_task_definition()
 
 
 @pytest.fixture(scope="module")
 def container(task: dict[str, Any]) -> dict[str, Any]:
-    routers = [c for c in task["containerDefinitions"] if c["name"] == "router"]
-    assert len(routers) == 1, "expected one container named router"
-    return routers[0]  # type: ignore[no-any-return]
+    return router_container(task)
 
 
 def _task_env(container: dict[str, Any]) -> dict[str, str]:

@@ -10,7 +10,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ from ldclient.config import Config
 from ldclient.integrations import Files
 from ldclient.interfaces import FlagChange
 
-import router
 from router.control.flagfile import (
     VARIATIONS,
     FlagFileError,
@@ -30,45 +29,16 @@ from router.control.flagfile import (
     set_tenants,
     tenant_variation,
 )
-
-REPO = Path(router.__file__).resolve().parent.parent
-FLAG = "tenant-routing"
-
+from tests.support.flag_files import FLAG, routing_flag, targets_of, write_json
+from tests.support.paths import REPO
+from tests.support.waiting import poll
 
 # --- helpers -----------------------------------------------------------------------------
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def routing_flag(data: dict[str, Any]) -> dict[str, Any]:
-    flag: dict[str, Any] = data["flags"][FLAG]
-    return flag
-
-
-def targets_of(path: Path) -> dict[str, list[str]]:
-    """{variation value: tenant list} for the `tenant` target entries of the file."""
-    flag = routing_flag(read_flag_file(path))
-    result: dict[str, list[str]] = {}
-    for entry in flag["contextTargets"]:
-        assert entry["contextKind"] == "tenant"
-        result.setdefault(flag["variations"][entry["variation"]], []).extend(entry["values"])
-    return result
 
 
 def version_of(path: Path) -> int:
     version: int = routing_flag(read_flag_file(path))["version"]
     return version
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def tenant_context(tenant: str) -> Context:
@@ -100,14 +70,7 @@ def route(client: LDClient, tenant: str) -> str:
 
 
 def routes_to(client: LDClient, tenant: str, want: str, timeout: float = 2.0) -> bool:
-    return wait_until(lambda: route(client, tenant) == want, timeout)
-
-
-@pytest.fixture
-def flag_path(tmp_path: Path) -> Path:
-    path = tmp_path / "flags.json"
-    write_json(path, {"flags": {FLAG: new_flag()}})
-    return path
+    return bool(poll(lambda: route(client, tenant) == want, timeout))
 
 
 # --- the flag object ---------------------------------------------------------------------

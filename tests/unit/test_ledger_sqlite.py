@@ -20,9 +20,6 @@ from router.control.ledger import (
     open_ledger,
 )
 
-# ---- both backends -------------------------------------------------------------------------
-
-
 # ---- SQLite --------------------------------------------------------------------------------
 
 
@@ -191,6 +188,3 @@ def test_redis_url_never_shows_credentials() -> None:
     assert open_ledger("rediss://:s3cret@cache.internal:6380/0").url == (
         "rediss://cache.internal:6380/0"
     )
-
-
-# ---- the command line ------------------------------------------------------------------------

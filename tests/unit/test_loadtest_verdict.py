@@ -8,12 +8,13 @@ tenant or the figure; clean recordings pass.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-LOADTESTS = Path(__file__).resolve().parents[2] / "loadtests"
+from tests.support.paths import REPO
+
+LOADTESTS = REPO / "loadtests"
 sys.path.insert(0, str(LOADTESTS))
 
 import shape  # noqa: E402
@@ -198,6 +199,3 @@ def test_the_day_shape_meets_the_figures(scale: float) -> None:
     assert shape.peak_rate(scale) == pytest.approx(peak, rel=0.01)
     # Compressing the day differently keeps the mean.
     assert shape.expected_requests(60, scale) / 60 == pytest.approx(mean, rel=0.005)
-
-
-# --- end to end: a second router whose flag file lags -------------------------------------

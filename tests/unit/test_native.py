@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from router.service.native import StaleBuild, build_state, check_fresh
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]
 
 

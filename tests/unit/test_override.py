@@ -18,22 +18,7 @@ from router.control.override import (
     sign,
     signed_headers,
 )
-
-SECRET = "test-secret"
-NOW = 1_700_000_000
-WINDOW = 300.0
-
-
-class Clock:
-    def __init__(self, now: float = NOW) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def verifier(secret: str | None = SECRET, now: float = NOW) -> OverrideVerifier:
-    return OverrideVerifier(secret, WINDOW, clock=Clock(now))
+from tests.support.signing import NOW, SECRET, WINDOW, Clock, verifier
 
 
 def reference_mac(secret: str, target: str, tenant: str, timestamp: int) -> str:
@@ -275,6 +260,3 @@ def test_sign_refuses_what_verify_never_accepts(
 ) -> None:
     with pytest.raises(ValueError):
         sign(secret, target, tenant, timestamp)
-
-
-# ---- router sign ----------------------------------------------------------------------

@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from router.settings import Settings, load_settings
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 CONFIG = "config/router.yaml"
 FLAGS = "config/flags.json"
 
@@ -390,9 +390,6 @@ def test_ci_runs_make_test() -> None:
     assert re.search(r"^make test$", script, re.M)
     recipe = makefile_recipe((REPO / "Makefile").read_text(), "test")
     assert "pytest" in recipe
-
-
-# --- the demo backend on a real socket ---------------------------------------------------
 
 
 # --- the compiled hot path (setup.py) ------------------------------------------------------

@@ -23,8 +23,7 @@ from router.settings import (
     Settings,
     load_settings,
 )
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
 
 BASE: dict[str, Any] = {
     "server": {"listen": "127.0.0.1:7000", "admin_listen": "127.0.0.1:7001", "workers": 3},

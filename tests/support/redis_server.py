@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.procs import free_port
+from tests.support.net import free_port
 
 
 def _in_ci() -> bool:

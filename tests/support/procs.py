@@ -17,7 +17,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,7 +29,9 @@ from typing import IO, Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.paths import REPO
+from tests.support.waiting import wait_until
+
 # The interpreter running the tests is the venv's: `python -m router` is the same program
 # as the `router` console script next to it.
 ROUTER = [sys.executable, "-m", "router"]
@@ -98,26 +99,6 @@ def alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return fields[0] != "Z"
-
-
-def wait_until(
-    predicate: Callable[[], Any],
-    timeout: float,
-    interval: float = 0.02,
-    what: str = "condition",
-    proc: Proc | None = None,
-) -> Any:
-    """Poll until `predicate()` is truthy; return its value, or fail after `timeout` s
-    (with `proc`'s recent output in the message)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            context = f"\n{proc.output()}" if proc is not None else ""
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}{context}")
-        time.sleep(interval)
 
 
 # ---- processes ----------------------------------------------------------------------
@@ -393,14 +374,6 @@ def _port(listen: str) -> int:
     return int(listen.rpartition(":")[2])
 
 
-def free_port() -> int:
-    """A port nothing listens on right now (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def write_config(
     path: Path,
     legacy: Backend | str,
@@ -429,3 +402,18 @@ def write_config(
         tree.setdefault(name, {}).update(values)
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return path
+
+
+def start_fleet(
+    procs: Procs, home: Path, flags: Path, admin_token: str, names: Sequence[str] = ("a", "b")
+) -> list[RouterProc]:
+    """Two demo backends and a router per name, all reading the same flag file, each router
+    with a home of its own under `home` (its config and ledger), as separate ECS tasks have."""
+    legacy, new = procs.backend("legacy"), procs.backend("new")
+    routers = []
+    for name in names:
+        router_home = home / name
+        router_home.mkdir()
+        config = write_config(router_home / "router.yaml", legacy, new, flags)
+        routers.append(procs.router(config, env={"ROUTER_ADMIN_TOKEN": admin_token}))
+    return routers
