@@ -10,8 +10,11 @@ FLAGS := config/flags.json
 SOURCES := $(wildcard router tests loadtests setup.py)
 
 SHELL := /bin/bash
+# The compiled hot path: its build record and the extension modules beside the sources.
+DROP_BUILD := rm -f router/_compiled.py && find router -name "*.so" -delete
 
-.PHONY: venv compile run test lint typecheck bench loadtest loadtest-smoke soak clean distclean
+.PHONY: venv compile run check test test-unit test-integration test-system lint typecheck \
+	pure-if-stale bench loadtest loadtest-smoke soak clean distclean
 
 # The venv is (re)installed only when pyproject.toml is newer than the stamp.
 venv: $(STAMP)
@@ -51,11 +54,40 @@ run: compile
 	echo " git checkout $(FLAGS) to reset the demo)"; \
 	ROUTER_ADMIN_TOKEN=$${ROUTER_ADMIN_TOKEN:-demo-admin-token} $(BIN)/router serve --config $(CONFIG)
 
+# The whole suite, every tier (tests/README.md), on the compiled hot path, then the load
+# smoke: what .ci/run runs.
 test: compile
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory typecheck
 	$(BIN)/pytest -q
 	$(MAKE) --no-print-directory loadtest-smoke
+
+# The fast loop, under a minute: lint, types, and the unit tier (no sockets, no processes).
+# It never compiles. Unit tests run what is importable: the compiled build when it matches
+# the sources, else the pure-Python source, which behaves the same. A stale build would
+# shadow the edited sources (and the test session refuses it), so it is dropped first, as
+# `make clean` would; `make compile`, `make test` or `make run` build it again.
+check: lint typecheck test-unit
+
+test-unit: $(STAMP) pure-if-stale
+	$(BIN)/pytest -q tests/unit
+
+# In-process servers on loopback sockets; then subprocesses, redis-server, promtool, the
+# wheel. Both run the compiled hot path, as `make test` does.
+test-integration: compile
+	$(BIN)/pytest -q tests/integration
+
+test-system: compile
+	$(BIN)/pytest -q tests/system
+
+# router.service.native exits 1 for a compiled build older than its sources (0: fresh,
+# 2: pure Python).
+pure-if-stale: $(STAMP)
+	@$(BIN)/python -m router.service.native >/dev/null; \
+	if [ $$? -eq 1 ]; then \
+	  echo "the compiled hot path is older than its sources: dropped; pure Python until make compile"; \
+	  $(DROP_BUILD); \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(SOURCES)
@@ -91,7 +123,7 @@ soak: compile
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
-	rm -f router/_compiled.py && find router -name "*.so" -delete  # the compiled hot path
+	$(DROP_BUILD)
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean
