@@ -55,7 +55,7 @@ from router.domain import DEFAULT_TENANT_ID_MAX_LENGTH, tenant_id_problem
 
 VARIATIONS: Final = ("legacy", "hold", "new")
 DEFAULT_FLAG_KEY: Final = "tenant-routing"
-# What the router does when the flag gives no usable answer (DESIGN.md: anything else
+# What the router does when the flag gives no usable answer (docs/design.md: anything else
 # counts as `legacy`); also the SDK's answer for a missing flag, since the router passes
 # it as the default to `variation()`.
 DEFAULT_VARIATION: Final = "legacy"
