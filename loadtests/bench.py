@@ -18,7 +18,7 @@ A B C D ... for several rounds so drift hits them all alike; medians, then ratio
 Scenarios: small, 64k, post1m (wrk, or loadgen.py closed where wrk is missing), rate1000
 (open-loop generator, loadgen.py), stream (1 GiB each way through the router, RSS
 sampled), idle10k (10,000 idle keep-alive connections, RSS), workers (--workers 1 vs 2).
-See loadtests/README.md.
+Method, scenarios and the latest figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations
