@@ -830,7 +830,7 @@ class FrontConnection(asyncio.Protocol):
         transport.close()  # flushes what is written, then closes
 
     def _next(self) -> None:
-        """From SERVING or LINGERING: the next request in the queue, else IDLE for good."""
+        """From SERVING or LINGERING: the next request in the queue, or IDLE until one comes."""
         self._current = None
         self._become(IDLE)
         if self._pipeline:

@@ -69,9 +69,10 @@ class RequestIds:
 
 
 class ProcessState:
-    """What the service layer knows about this process that requests depend on: set by
-    RouterApp (its loop-lag monitor, the shutdown), read per request as plain attributes
-    of a native class (compiled: a field read, no property or call)."""
+    """What the service layer knows about this process, set by RouterApp (its loop-lag
+    monitor, the shutdown): `lagging` is read by every request (admit), as a plain
+    attribute of a native class (compiled: a field read, no property or call);
+    `draining` by the readiness check."""
 
     __slots__ = ("draining", "lagging")
 
