@@ -48,7 +48,7 @@ METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
 )
 # Every side a request can be counted against ("none": answered before a side was chosen).
-METRIC_TARGETS: Final = ("legacy", "new", "hold", "none")
+METRIC_SIDES: Final = ("legacy", "new", "hold", "none")
 
 # name -> (type, help, label names). The one list of what the router exports.
 FAMILIES: Final[dict[str, tuple[str, str, tuple[str, ...]]]] = {
@@ -142,11 +142,11 @@ class Metrics:
         self.requests: dict[tuple[str, str, int], int] = {}
         self.decisions: dict[tuple[str, str], int] = {}
         self.upstream_errors: dict[tuple[str, str], int] = {}
-        self.inflight = dict.fromkeys(METRIC_TARGETS, 0)
-        self.request_bytes = dict.fromkeys(METRIC_TARGETS, 0)
-        self.response_bytes = dict.fromkeys(METRIC_TARGETS, 0)
-        self.duration = {t: Histogram(LATENCY_BUCKETS) for t in METRIC_TARGETS}
-        self.connect_duration = {t: Histogram(CONNECT_BUCKETS) for t in METRIC_TARGETS}
+        self.inflight = dict.fromkeys(METRIC_SIDES, 0)
+        self.request_bytes = dict.fromkeys(METRIC_SIDES, 0)
+        self.response_bytes = dict.fromkeys(METRIC_SIDES, 0)
+        self.duration = {t: Histogram(LATENCY_BUCKETS) for t in METRIC_SIDES}
+        self.connect_duration = {t: Histogram(CONNECT_BUCKETS) for t in METRIC_SIDES}
         self.flag_updates = 0
         self.hold_timeouts = 0
         self.ratchet_refusals = 0
