@@ -126,11 +126,11 @@ async def _explain(settings: Settings, tenant: str) -> dict[str, Any]:
         shadow = ShadowPolicy(settings.shadow, flags.evaluate) if settings.shadow.enabled else None
         decider = Decider(settings, flags, ledger, shadow_rate=shadow.rate if shadow else None)
         route = decider.evaluate(tenant)
-        upstream = getattr(settings.upstreams, route.target, settings.upstreams.legacy)
+        upstream = getattr(settings.upstreams, route.side, settings.upstreams.legacy)
         source = str(settings.flags.file) if settings.flags.source == "file" else "launchdarkly"
         return {
             "tenant": tenant,
-            "target": route.target,
+            "target": route.side,
             "reason": route.reason,
             "upstream": upstream.url,
             "host_header": upstream.host_header,

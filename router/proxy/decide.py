@@ -56,17 +56,17 @@ class Route:
     `shadow_rate`: the fraction of this tenant's safe requests copied to new (shadow.py);
     non-zero only on a legacy route chosen by the flag (`shadowed_route`)."""
 
-    __slots__ = ("header_bytes", "header_value", "reason", "shadow_rate", "target")
+    __slots__ = ("header_bytes", "header_value", "reason", "shadow_rate", "side")
 
     def __init__(self, target: Decision, reason: Reason, shadow_rate: float = 0.0) -> None:
-        self.target: Decision = target
+        self.side: Decision = target
         self.reason: Reason = reason
         self.shadow_rate = shadow_rate
         self.header_value = f"{target}; reason={reason}"  # X-Routed-To, when enabled
         self.header_bytes = self.header_value.encode("ascii")
 
     def __repr__(self) -> str:
-        return f"Route({self.target!r}, {self.reason!r})"
+        return f"Route({self.side!r}, {self.reason!r})"
 
 
 ROUTES: Final[dict[tuple[Decision, Reason], Route]] = {

@@ -175,7 +175,7 @@ class ProxyHandler:
         assert tenant is not None  # only a tenant's flag says hold
         self._metrics.decided("hold", route.reason)
         deadline = start + self._hold_timeout
-        while route.target == "hold":
+        while route.side == "hold":
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 raise HoldTimeout("the tenant's cutover did not move on in time")
@@ -224,10 +224,10 @@ class ProxyHandler:
                 forced = headers.get(TARGET_HEADER)
                 signature = headers.get(SIGNATURE_HEADER) if forced is not None else None
                 route = self._decider.decide_request(tenant, path, forced, signature)
-                if route.target == "hold":
+                if route.side == "hold":
                     target = "hold"
                     route = await self._held(route, tenant, path, forced, signature, start)
-                target = route.target
+                target = route.side
                 reason = route.reason
                 if target == "new" and reason == "flag" and tenant is not None:
                     # The ratchet: new serves a tenant only once the ledger says it may

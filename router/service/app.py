@@ -168,7 +168,7 @@ class RouterApp:
         counts = self.tenant_inflight.get(tenant, {})
         return {
             "tenant": tenant,
-            "target": route.target,
+            "target": route.side,
             "reason": route.reason,
             "inflight": {"legacy": counts.get("legacy", 0), "new": counts.get("new", 0)},
             "held": self.decider.holds.held(tenant),
