@@ -123,7 +123,7 @@ def compile_path_patterns(pairs: Sequence[tuple[str, T]]) -> Callable[[str], T |
 
 def compile_pinned(pinned: list[PinnedPath]) -> Callable[[str], str | None] | None:
     """Path -> the side it is pinned to (routing.pinned_paths), or None."""
-    return compile_path_patterns([(spec.pattern, str(spec.target)) for spec in pinned])
+    return compile_path_patterns([(spec.pattern, str(spec.side)) for spec in pinned])
 
 
 class LedgerView:
@@ -281,7 +281,7 @@ class Decider:
         self._shadow_rate = shadow_rate
         self._cache: dict[str, Route] = {}
         self._cache_size = settings.flags.decision_cache_size
-        self._no_tenant = ROUTES[(settings.tenant.default_target, "no-tenant")]
+        self._no_tenant = ROUTES[(settings.tenant.default_side, "no-tenant")]
         self._pinned = compile_pinned(settings.routing.pinned_paths)
         self._verifier = verifier if verifier is not None and verifier.enabled else None
         self.ledger = ledger

@@ -13,6 +13,7 @@ from typing import Any
 from router.control.flags import FlagSource
 from router.control.ledger import open_ledger
 from router.control.override import OverrideVerifier
+from router.domain import SIDES
 from router.proxy.accesslog import AccessLog
 from router.proxy.connection import FrontServer
 from router.proxy.decide import Decider, LedgerView
@@ -23,7 +24,7 @@ from router.proxy.relay import HeaderRules
 from router.proxy.shadow import Shadower, ShadowPolicy, shadow_pools
 from router.proxy.upstream import UpstreamPool
 from router.service.workers import WorkerInfo
-from router.settings import TARGETS, HeaderExtractor, Settings
+from router.settings import HeaderExtractor, Settings
 
 log = logging.getLogger("router.app")
 
@@ -60,8 +61,7 @@ class RouterApp:
         # tenant -> requests being proxied now, per side (cutover waits for legacy's to end)
         self.tenant_inflight: dict[str, dict[str, int]] = {}
         self.pools: dict[str, UpstreamPool] = {
-            name: UpstreamPool(name, getattr(settings.upstreams, name), self.loop)
-            for name in TARGETS
+            name: UpstreamPool(name, getattr(settings.upstreams, name), self.loop) for name in SIDES
         }
         tenant_headers = tuple(
             e.name for e in settings.tenant.extractors if isinstance(e, HeaderExtractor)
