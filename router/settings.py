@@ -586,6 +586,23 @@ def _format_validation_error(exc: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def deprecated_keys(tree: Mapping[str, Any]) -> list[str]:
+    """The old key names a config file (its YAML, unvalidated) still uses, each with its
+    new name: they are read, but "target" now means only the HTTP request target."""
+    found = []
+    tenant = tree.get("tenant")
+    if isinstance(tenant, Mapping) and "default_target" in tenant:
+        found.append("tenant.default_target (now tenant.default_side)")
+    routing = tree.get("routing")
+    pinned = routing.get("pinned_paths") if isinstance(routing, Mapping) else None
+    for index, path in enumerate(pinned if isinstance(pinned, list) else []):
+        if isinstance(path, Mapping) and "target" in path:
+            found.append(
+                f"routing.pinned_paths[{index}].target (now routing.pinned_paths[{index}].side)"
+            )
+    return found
+
+
 def load_settings(
     path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
 ) -> Settings:

@@ -399,3 +399,24 @@ def test_a_missing_command_module_is_an_error_not_a_missing_command(
     )
     with pytest.raises(ModuleNotFoundError, match=r"router\.cli\.missing"):
         cli_main.build_parser(build_state())
+
+
+def test_check_config_names_deprecated_keys_it_still_reads(tmp_path: Path, flag_file: Path) -> None:
+    tree = config_tree()
+    tree["tenant"] = {"default_target": "new"}
+    tree["routing"] = {"pinned_paths": [{"pattern": "/hooks/**", "target": "legacy"}]}
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    result = run_router("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "deprecated key, still read: tenant.default_target (now tenant.default_side)" in (
+        result.stdout
+    )
+    assert "routing.pinned_paths[0].target (now routing.pinned_paths[0].side)" in result.stdout
+
+    tree["tenant"] = {"default_side": "new"}
+    tree["routing"] = {"pinned_paths": [{"pattern": "/hooks/**", "side": "legacy"}]}
+    path.write_text(yaml.safe_dump(tree))
+    result = run_router("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "deprecated" not in result.stdout

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from router import __version__
-from router.cli.common import EXIT_FAILED, EXIT_USAGE, config_path, settings_from, with_config
+from router.cli.common import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    config_path,
+    config_tree,
+    settings_from,
+    with_config,
+)
 from router.domain import (
     DEFAULT_FLAG_VALUE,
     DEFAULT_TENANT_ID_MAX_LENGTH,
@@ -24,7 +31,7 @@ from router.domain import (
     is_tenant_id,
 )
 from router.service.native import BuildState, StaleBuild, check_fresh
-from router.settings import ConfigError, Settings
+from router.settings import ConfigError, Settings, deprecated_keys
 
 DESCRIPTION = """\
 Route each tenant's requests to the legacy or the new backend by its routing flag, and
@@ -84,6 +91,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  legacy {settings.upstreams.legacy.url}, new {settings.upstreams.new.url}")
     source = settings.flags.file if settings.flags.source == "file" else "LaunchDarkly"
     print(f"  flag {settings.flags.flag_key!r} from {source}")
+    for key in deprecated_keys(config_tree(args) or {}):
+        print(f"  deprecated key, still read: {key}")
     return 0
 
 
