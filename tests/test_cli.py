@@ -386,7 +386,7 @@ def test_help_says_what_each_command_does() -> None:
 
 
 def test_every_command_group_is_registered() -> None:
-    parser = cli_main.build_parser(build_state())
+    parser = cli_main.build_parser()
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     assert tuple(sub.choices) == COMMANDS
 
@@ -398,7 +398,7 @@ def test_a_missing_command_module_is_an_error_not_a_missing_command(
         cli_main, "COMMAND_MODULES", (*cli_main.COMMAND_MODULES, "router.cli.missing")
     )
     with pytest.raises(ModuleNotFoundError, match=r"router\.cli\.missing"):
-        cli_main.build_parser(build_state())
+        cli_main.build_parser()
 
 
 def test_check_config_names_deprecated_keys_it_still_reads(tmp_path: Path, flag_file: Path) -> None:

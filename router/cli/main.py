@@ -30,7 +30,7 @@ from router.domain import (
     FLAG_VALUES,
     is_tenant_id,
 )
-from router.service.native import BuildState, StaleBuild, check_fresh
+from router.service.native import BuildState, StaleBuild, build_state, check_fresh
 from router.settings import ConfigError, Settings, deprecated_keys
 
 DESCRIPTION = """\
@@ -203,7 +203,7 @@ def version_line(build: BuildState) -> str:
     return f"router {__version__} ({build.describe})"
 
 
-def build_parser(build: BuildState) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="router",
         description=DESCRIPTION,
@@ -213,7 +213,7 @@ def build_parser(build: BuildState) -> argparse.ArgumentParser:
     parser.add_argument(
         "--version",
         action="version",
-        version=version_line(build),
+        version=version_line(build_state()),
         help="print the version and the build (compiled or pure Python)",
     )
     sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="command")
@@ -266,11 +266,11 @@ def build_parser(build: BuildState) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        build = check_fresh()  # before build_parser(): it imports the commands' modules
+        check_fresh()  # before build_parser(): it imports the commands' modules
     except StaleBuild as exc:
         print(f"router: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    args = build_parser(build).parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
     except ConfigError as exc:
