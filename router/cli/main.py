@@ -141,12 +141,11 @@ async def _explain(settings: Settings, tenant: str) -> dict[str, Any]:
         shadow = ShadowPolicy(settings.shadow, flags.evaluate) if settings.shadow.enabled else None
         decider = Decider(settings, flags, ledger, shadow_rate=shadow.rate if shadow else None)
         route = decider.evaluate(tenant)
-        # A tenant in hold has no upstream yet: its requests wait; shown as legacy's.
         upstream = getattr(settings.upstreams, route.side, settings.upstreams.legacy)
         source = str(settings.flags.file) if settings.flags.source == "file" else "launchdarkly"
         return {
             "tenant": tenant,
-            "target": route.side,  # the field's name is the --json output's contract
+            "target": route.side,
             "reason": route.reason,
             "upstream": upstream.url,
             "host_header": upstream.host_header,
