@@ -239,7 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--json", action="store_true", help="machine-readable output")
     explain.set_defaults(func=cmd_explain)
 
-    flags = sub.add_parser("flags", help="set a tenant's routing flag in the local flag file")
+    flags = sub.add_parser(
+        "flags",
+        help="set a tenant's routing flag in the local flag file",
+        description="The routing flag in the local flag file (flags.source: file). With "
+        "LaunchDarkly, change the flag there, or use `router cutover` to move a tenant.",
+    )
     flags_sub = flags.add_subparsers(dest="flags_command", required=True)
     flags_set = with_config(
         flags_sub.add_parser("set", help="send TENANT's requests to legacy or new, or hold them")

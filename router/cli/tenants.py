@@ -47,6 +47,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     tenants = sub.add_parser(
         "tenants",
         help="tenants kept on new by the ratchet: list, show, roll back",
+        description="The ratchet ledger: once new has served a tenant, the routers record "
+        "it there and never route it back to legacy (replication runs legacy -> new only, "
+        "so legacy lacks what it wrote on new). List the ledger, show one tenant, or roll "
+        "one back.",
     )
     tenants_sub = tenants.add_subparsers(dest="tenants_command", required=True)
 
