@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, Literal, TypeVar
 
 from router.control.flags import FlagSource
-from router.domain import FLAG_VALUES, FlagValue
+from router.domain import DEFAULT_FLAG_VALUE, FLAG_VALUES, FlagValue
 from router.errors import HoldOverflow, HoldTimeout, LedgerUnavailable
 from router.settings import PinnedPath, Settings
 
@@ -349,7 +349,7 @@ class Decider:
         return self._evaluate(tenant)
 
     def _evaluate(self, tenant: str) -> Route:
-        value = self._flags.variation(tenant, "legacy")
+        value = self._flags.variation(tenant, DEFAULT_FLAG_VALUE)
         if value == "new":
             return ROUTES[("new", "flag")]
         if value in ("legacy", "hold"):
@@ -369,7 +369,7 @@ class Decider:
             "unknown flag variation; routing to legacy",
             extra={"tenant": tenant, "flag_key": self._flags.flag_key, "value": repr(value)[:100]},
         )
-        return ROUTES[("legacy", "default")]
+        return ROUTES[(DEFAULT_FLAG_VALUE, "default")]
 
     # ---- flag changes ------------------------------------------------------------------
 
