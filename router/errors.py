@@ -2,7 +2,7 @@
 
 Every local reply has a stable `code` (Envoy's `response_code_details` idea): the same
 string is the JSON body's `error`, the access log's `error` field and a metric label, so
-an SRE can grep, graph and alert on it. Codes are a contract (DESIGN.md): add, never rename.
+an SRE can grep, graph and alert on it. Codes are a contract (docs/contracts.md): add, never rename.
 
     RouterError(code, status, source, retryable)
     ├── ClientError                 source=downstream: the request itself is at fault

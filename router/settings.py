@@ -5,7 +5,7 @@ surfaces as a failed request at 3 a.m., it stops the process at start with exit 
 and a message that names the key (`ConfigError`).
 
 Precedence: built-in defaults < YAML file < environment variables (the contract in
-DESIGN.md; the ECS task definition sets the variables). Relative paths in the YAML file
+docs/contracts.md; the ECS task definition sets the variables). Relative paths in the YAML file
 are resolved against the file's own directory, so a config works from any working
 directory; paths from the environment are resolved against the working directory.
 """
@@ -460,7 +460,7 @@ class Settings(_Frozen):
     @field_validator("ledger")
     @classmethod
     def _ledger_url(cls, v: str) -> str:
-        # DESIGN.md's contract is `sqlite:///path` or `redis://host:port/db`. Unchecked, a
+        # docs/contracts.md says `sqlite:///path` or `redis://host:port/db`. Unchecked, a
         # typo (ROUTER_LEDGER=sqlite://x.db, postgres://...) started fine and would only
         # fail once the ratchet first writes: the 3 a.m. failure this module exists to stop.
         parts = urlsplit(v)
@@ -488,7 +488,7 @@ class Settings(_Frozen):
         return self
 
 
-# Environment variable -> (path in the settings tree, converter). DESIGN.md's contract.
+# Environment variable -> (path in the settings tree, converter): docs/contracts.md's table.
 _ENV: dict[str, tuple[tuple[str, ...], Any]] = {
     "ROUTER_LISTEN": (("server", "listen"), str),
     "ROUTER_ADMIN_LISTEN": (("server", "admin_listen"), str),

@@ -341,7 +341,7 @@ def procs() -> Iterator[Procs]:
 
 
 def test_python_dash_m_router_serves(procs: Procs, config: Path) -> None:
-    """`python -m router serve` (DESIGN.md) reaches the same code as the console script."""
+    """`python -m router serve` (docs/contracts.md) reaches the same code as the console script."""
     router = procs.router(config)
     assert router.admin("/healthz").json() == {"status": "ok"}
     assert router.proc.argv[:3] == [sys.executable, "-m", "router"]

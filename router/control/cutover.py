@@ -1,5 +1,5 @@
 """The cutover orchestrator: move one tenant from legacy to new with no request answered by
-both sides and none lost (DESIGN.md, "Routing semantics" and "Scale beyond one machine").
+both sides and none lost (docs/design.md, "Hold and cutover" and "Scale beyond one machine").
 
     result = await cutover("acme", writer, ["http://10.0.0.5:8081", ...], token)
 

@@ -6,7 +6,7 @@ Every change event for the flag re-reads the ratchet ledger, then clears the cac
 wakes the held requests (flags.py hands the SDK's events to the loop), so a flip is seen
 by the next request, and by every held one, within milliseconds of the SDK having it.
 
-Reasons (DESIGN.md), in the order they are tried by `decide_request`:
+Reasons (docs/design.md, "Routing semantics"), in the order they are tried by `decide_request`:
 - `pinned-path`: the path matches a configured pattern that always goes to one side;
 - `override`:   a validly signed X-Router-Target (override.py), for test traffic;
 - `no-tenant`:  no tenant found: the configured default side (tenant.default_target);
