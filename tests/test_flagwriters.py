@@ -24,7 +24,6 @@ from router.control.flagwriters import (
     FlagWriterError,
     LaunchDarklyFlagWriter,
 )
-from router.domain import TENANT_ID_MAX_LENGTH_LIMIT
 
 TOKEN = "api-0123456789abcdef"  # a LaunchDarkly access token, sent raw (no "Bearer")
 PROJECT = "saas"
@@ -407,46 +406,3 @@ async def test_file_writer_errors_are_flag_writer_errors(tmp_path: Path) -> None
     other_key = FileFlagWriter(tmp_path / "flags.json", flag_key="other-flag")
     set_tenants(tmp_path / "flags.json", ["acme"], "new", create=True)
     assert await other_key.get("acme") == "legacy"  # that flag does not exist: default
-
-
-# ---- tenant ids: the routers' tenant.max_length -----------------------------------------
-
-LONG_TENANT = "t" * TENANT_ID_MAX_LENGTH_LIMIT  # routed by a router with max_length 1024
-
-
-async def test_writers_take_ids_up_to_the_routers_max_length(
-    tmp_path: Path, make_ld: MakeLD
-) -> None:
-    path = tmp_path / "flags.json"
-    set_tenants(path, ["acme"], "legacy", create=True)
-    file_writer = FileFlagWriter(path, tenant_max_length=TENANT_ID_MAX_LENGTH_LIMIT)
-    await file_writer.set(LONG_TENANT, "hold")
-    assert await file_writer.get(LONG_TENANT) == "hold"
-
-    fake, ld_writer = await make_ld(tenant_max_length=TENANT_ID_MAX_LENGTH_LIMIT)
-    await ld_writer.set(LONG_TENANT, "new")
-    assert await ld_writer.get(LONG_TENANT) == "new"
-    assert fake.problems == []
-
-
-async def test_writers_refuse_ids_beyond_the_routers_max_length(
-    tmp_path: Path, make_ld: MakeLD
-) -> None:
-    path = tmp_path / "flags.json"
-    set_tenants(path, ["acme"], "legacy", create=True)
-    before = path.read_bytes()
-    fake, ld_writer = await make_ld(tenant_max_length=TENANT_ID_MAX_LENGTH_LIMIT)
-    _, default_ld_writer = await make_ld()
-    writers: list[FlagWriter] = [
-        FileFlagWriter(path, tenant_max_length=TENANT_ID_MAX_LENGTH_LIMIT),
-        ld_writer,
-    ]
-    for writer in writers:
-        with pytest.raises(FlagWriterError, match="invalid tenant id"):
-            await writer.set(LONG_TENANT + "t", "new")
-    # Without the routers' bound, the default one (128).
-    for writer in (FileFlagWriter(path), default_ld_writer):
-        with pytest.raises(FlagWriterError, match="1 to 128 characters"):
-            await writer.get("t" * 129)
-    assert fake.requests == []
-    assert path.read_bytes() == before
