@@ -390,7 +390,7 @@ def write_router_config(
                 {"type": "header", "name": TENANT_HEADER},
                 {"type": "jwt", "claim": "iss", "query_param": "jwt"},
             ],
-            "default_target": "legacy",
+            "default_side": "legacy",
         },
         "flags": {
             "source": "file",

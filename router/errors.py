@@ -29,7 +29,6 @@ an SRE can grep, graph and alert on it. Codes are a contract (docs/contracts.md)
     │                                    request to new, so new may not serve it yet
     └── InternalError               source=internal
         ├── not_ready               503  no flag data yet (the LB should not have sent this)
-        ├── draining                503  shutting down (ditto)
         ├── overloaded              503  a limit of settings.limits was hit: connections,
         │                                requests in flight, or event-loop lag
         ├── unauthorized            401  admin route without the right bearer token
@@ -125,12 +124,6 @@ class InternalError(RouterError):
 
 class NotReady(InternalError):
     code = "not_ready"
-    status = 503
-    retryable = True
-
-
-class Draining(InternalError):
-    code = "draining"
     status = 503
     retryable = True
 

@@ -9,7 +9,7 @@ by the next request, and by every held one, within milliseconds of the SDK havin
 Reasons (docs/design.md, "Routing semantics"), in the order they are tried by `decide_request`:
 - `pinned-path`: the path matches a configured pattern that always goes to one side;
 - `override`:   a validly signed X-Router-Target (override.py), for test traffic;
-- `no-tenant`:  no tenant found: the configured default side (tenant.default_target);
+- `no-tenant`:  no tenant found: the configured default side (tenant.default_side);
 - `ratchet`:    the flag says legacy (or hold) but the tenant is in the ledger: it has been
                 served by new, and replication only runs legacy -> new, so going back would
                 lose its writes. It goes to new, and the refusal is logged and counted;
@@ -124,7 +124,7 @@ def compile_path_patterns(pairs: Sequence[tuple[str, T]]) -> Callable[[str], T |
 
 def compile_pinned(pinned: list[PinnedPath]) -> Callable[[str], str | None] | None:
     """Path -> the side it is pinned to (routing.pinned_paths), or None."""
-    return compile_path_patterns([(spec.pattern, str(spec.target)) for spec in pinned])
+    return compile_path_patterns([(spec.pattern, str(spec.side)) for spec in pinned])
 
 
 class LedgerView:
@@ -282,7 +282,7 @@ class Decider:
         self._shadow_rate = shadow_rate
         self._cache: dict[str, Route] = {}
         self._cache_size = settings.flags.decision_cache_size
-        self._no_tenant = ROUTES[(settings.tenant.default_target, "no-tenant")]
+        self._no_tenant = ROUTES[(settings.tenant.default_side, "no-tenant")]
         self._pinned = compile_pinned(settings.routing.pinned_paths)
         self._verifier = verifier if verifier is not None and verifier.enabled else None
         self.ledger = ledger
