@@ -1,4 +1,4 @@
-# Developer entry points (DESIGN.md contracts: `make run`, `make test`; `.ci/run` calls
+# Developer entry points (docs/contracts.md: `make run`, `make test`; `.ci/run` calls
 # `make test`). Every tool is called by its .venv/bin path: no activated venv needed.
 
 PYTHON ?= python3

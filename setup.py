@@ -2,7 +2,7 @@
 
 The request path (parse, identify, decide, forward, relay, record) runs as C extensions
 compiled by mypyc from the same, mypy-checked source: the per-request Python work is about
-a third cheaper (loadtests/README.md has the figures). `ROUTER_COMPILE=0` builds the pure
+a third cheaper (docs/benchmarks.md has the figures). `ROUTER_COMPILE=0` builds the pure
 Python package instead: it behaves the same, only slower.
 
 A compiled module shadows its .py (Python imports extension modules first), so an edited

@@ -1,4 +1,4 @@
-"""The router's benchmark: side-by-side ratios on one machine (method: /work/shared/PERFORMANCE.md).
+"""The router's benchmark: side-by-side ratios on one machine (method: docs/benchmarks.md).
 
     .venv/bin/python loadtests/bench.py [--quick] [--rounds N] [--duration S] [--out FILE]
                                         [--only SCENARIO ...]
@@ -9,7 +9,7 @@ A B C D ... for several rounds so drift hits them all alike; medians, then ratio
   direct         the load generator straight to the upstream (no proxy)
   router         `router serve`, 1 worker, 1,000-tenant flag file, metrics and access
                  log on (to a file), debug headers off
-  peer           ../shared/peers/naive_aiohttp_proxy.py (aiohttp server + ClientSession)
+  peer           loadtests/peers/naive_aiohttp_proxy.py (aiohttp server + ClientSession)
   bare_proxy     the router's forwarding core alone (its front, upstream pool and relay)
                  with none of its per-request features: what those features cost
   aiohttp_alone  aiohttp's low-level web.Server answering the same bodies itself: the
@@ -18,7 +18,7 @@ A B C D ... for several rounds so drift hits them all alike; medians, then ratio
 Scenarios: small, 64k, post1m (wrk, or loadgen.py closed where wrk is missing), rate1000
 (open-loop generator, loadgen.py), stream (1 GiB each way through the router, RSS
 sampled), idle10k (10,000 idle keep-alive connections, RSS), workers (--workers 1 vs 2).
-See loadtests/README.md.
+Method, scenarios and the latest figures: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ from router.service.native import check_fresh
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-PEER = REPO.parent / "shared" / "peers" / "naive_aiohttp_proxy.py"
+PEER = HERE / "peers" / "naive_aiohttp_proxy.py"
 PY = sys.executable
 HOST = "127.0.0.1"
 
@@ -390,7 +390,7 @@ def write_router_config(
                 {"type": "header", "name": TENANT_HEADER},
                 {"type": "jwt", "claim": "iss", "query_param": "jwt"},
             ],
-            "default_target": "legacy",
+            "default_side": "legacy",
         },
         "flags": {
             "source": "file",
@@ -748,15 +748,12 @@ class Bench:
         router, _ = self.start_router("router", self.upstream_url, self.pin("1"))
         targets["router"] = router
 
-        if PEER.exists():
-            port = free_port(self.ports)
-            proc = self.processes.start(
-                "peer", [PY, str(PEER), str(port), self.upstream_url], self.pin("1")
-            )  # stderr to /dev/null: it logs a traceback whenever wrk disconnects
-            wait_http(f"http://{HOST}:{port}{PATH_SMALL}", proc)
-            targets["peer"] = Target("peer", port, [proc])
-        else:
-            log(f"peer not found at {PEER}: skipped")
+        port = free_port(self.ports)
+        proc = self.processes.start(
+            "peer", [PY, str(PEER), str(port), self.upstream_url], self.pin("1")
+        )  # stderr to /dev/null: it logs a traceback whenever wrk disconnects
+        wait_http(f"http://{HOST}:{port}{PATH_SMALL}", proc)
+        targets["peer"] = Target("peer", port, [proc])
 
         port = free_port(self.ports)
         proc = self.processes.start(

@@ -40,8 +40,13 @@ def is_tenant_id(value: object, max_length: int = DEFAULT_TENANT_ID_MAX_LENGTH) 
     )
 
 
+def tenant_id_rule(max_length: int = DEFAULT_TENANT_ID_MAX_LENGTH) -> str:
+    """The rule in words, for messages: `1 to 128 characters of A-Z a-z 0-9 . _ : @ -`."""
+    return f"1 to {max_length} characters of {TENANT_ID_ALPHABET}"
+
+
 def tenant_id_problem(value: object, max_length: int = DEFAULT_TENANT_ID_MAX_LENGTH) -> str | None:
     """None for a valid tenant id, else the sentence that tells an operator why not."""
     if is_tenant_id(value, max_length):
         return None
-    return f"invalid tenant id {value!r}: 1-{max_length} characters from {TENANT_ID_ALPHABET}"
+    return f"invalid tenant id {value!r}: {tenant_id_rule(max_length)}"

@@ -2,7 +2,7 @@
 
 Every local reply has a stable `code` (Envoy's `response_code_details` idea): the same
 string is the JSON body's `error`, the access log's `error` field and a metric label, so
-an SRE can grep, graph and alert on it. Codes are a contract (DESIGN.md): add, never rename.
+an SRE can grep, graph and alert on it. Codes are a contract (docs/contracts.md): add, never rename.
 
     RouterError(code, status, source, retryable)
     ├── ClientError                 source=downstream: the request itself is at fault
@@ -29,7 +29,6 @@ an SRE can grep, graph and alert on it. Codes are a contract (DESIGN.md): add, n
     │                                    request to new, so new may not serve it yet
     └── InternalError               source=internal
         ├── not_ready               503  no flag data yet (the LB should not have sent this)
-        ├── draining                503  shutting down (ditto)
         ├── overloaded              503  a limit of settings.limits was hit: connections,
         │                                requests in flight, or event-loop lag
         ├── unauthorized            401  admin route without the right bearer token
@@ -125,12 +124,6 @@ class InternalError(RouterError):
 
 class NotReady(InternalError):
     code = "not_ready"
-    status = 503
-    retryable = True
-
-
-class Draining(InternalError):
-    code = "draining"
     status = 503
     retryable = True
 

@@ -5,7 +5,7 @@ surfaces as a failed request at 3 a.m., it stops the process at start with exit 
 and a message that names the key (`ConfigError`).
 
 Precedence: built-in defaults < YAML file < environment variables (the contract in
-DESIGN.md; the ECS task definition sets the variables). Relative paths in the YAML file
+docs/contracts.md; the ECS task definition sets the variables). Relative paths in the YAML file
 are resolved against the file's own directory, so a config works from any working
 directory; paths from the environment are resolved against the working directory.
 """
@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import (
     AfterValidator,
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -30,8 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-Target = Literal["legacy", "new"]
-TARGETS: tuple[Target, ...] = ("legacy", "new")
+from router.domain import DEFAULT_TENANT_ID_MAX_LENGTH, TENANT_ID_MAX_LENGTH_LIMIT, Side
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
@@ -129,11 +129,27 @@ def _default_extractors() -> list[Extractor]:
 class TenantSettings(_Frozen):
     # Ordered: the first extractor that finds a tenant wins.
     extractors: list[Extractor] = Field(default_factory=_default_extractors)
-    # Where a request with no recognisable tenant goes (reason `no-tenant`).
-    default_target: Target = "legacy"
-    # A tenant id longer than this, or with characters outside this set, is treated as
-    # "no tenant" rather than being fed to the flag evaluator and the decision cache.
-    max_length: int = Field(default=128, ge=1, le=1024)
+    # Where a request with no recognisable tenant goes (reason `no-tenant`). Its old name
+    # `default_target` is still read (deprecated: "target" is the HTTP request target).
+    default_side: Side = Field(
+        default="legacy", validation_alias=AliasChoices("default_side", "default_target")
+    )
+    # A tenant id longer than this, or with characters outside router.domain's alphabet,
+    # is treated as "no tenant" rather than being fed to the flag evaluator and the
+    # decision cache. The CLI checks the ids it is given against the same bound.
+    max_length: int = Field(
+        default=DEFAULT_TENANT_ID_MAX_LENGTH, ge=1, le=TENANT_ID_MAX_LENGTH_LIMIT
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name_for_default_side(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "default_side" in data and "default_target" in data:
+            raise ValueError(
+                "default_side and default_target (its deprecated old name) are both set; "
+                "keep default_side"
+            )
+        return data
 
 
 class FlagSettings(_Frozen):
@@ -239,7 +255,7 @@ class ServerSettings(_Frozen):
     max_request_line: int = Field(default=8190, ge=256)
     max_header_size: int = Field(default=8190, ge=256)
     max_headers: int = Field(default=100, ge=8)
-    # Adds `X-Routed-To` (target; reason) to responses; useful in staging, off in prod.
+    # Adds `X-Routed-To` (side; reason) to responses; useful in staging, off in prod.
     debug_headers: bool = False
     # Proxies in front of the router whose X-Forwarded-For entries are believed: 1 = the
     # ALB (it appends the address it saw). The client address logged, and the leftmost
@@ -264,7 +280,7 @@ class ServerSettings(_Frozen):
 
 
 class PinnedPath(_Frozen):
-    """Requests whose path matches `pattern` always go to `target` (reason `pinned-path`):
+    """Requests whose path matches `pattern` always go to `side` (reason `pinned-path`):
     for example lifecycle callbacks that one side must receive whatever the tenant's flag.
 
     The pattern is matched against the path without its query: `*` matches within one
@@ -273,7 +289,15 @@ class PinnedPath(_Frozen):
     """
 
     pattern: PathPattern
-    target: Target
+    # `target` is its deprecated old name, still read.
+    side: Side = Field(validation_alias=AliasChoices("side", "target"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_name_for_side(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "side" in data and "target" in data:
+            raise ValueError("side and target (its deprecated old name) are both set; keep side")
+        return data
 
 
 class RoutingSettings(_Frozen):
@@ -436,7 +460,7 @@ class Settings(_Frozen):
     @field_validator("ledger")
     @classmethod
     def _ledger_url(cls, v: str) -> str:
-        # DESIGN.md's contract is `sqlite:///path` or `redis://host:port/db`. Unchecked, a
+        # docs/contracts.md says `sqlite:///path` or `redis://host:port/db`. Unchecked, a
         # typo (ROUTER_LEDGER=sqlite://x.db, postgres://...) started fine and would only
         # fail once the ratchet first writes: the 3 a.m. failure this module exists to stop.
         parts = urlsplit(v)
@@ -464,7 +488,7 @@ class Settings(_Frozen):
         return self
 
 
-# Environment variable -> (path in the settings tree, converter). DESIGN.md's contract.
+# Environment variable -> (path in the settings tree, converter): docs/contracts.md's table.
 _ENV: dict[str, tuple[tuple[str, ...], Any]] = {
     "ROUTER_LISTEN": (("server", "listen"), str),
     "ROUTER_ADMIN_LISTEN": (("server", "admin_listen"), str),
@@ -560,6 +584,23 @@ def _format_validation_error(exc: ValidationError) -> str:
         message = err["msg"].removeprefix("Value error, ")
         lines.append(f"{loc or 'config'}: {message}")
     return "\n".join(lines)
+
+
+def deprecated_keys(tree: Mapping[str, Any]) -> list[str]:
+    """The old key names a config file (its YAML, unvalidated) still uses, each with its
+    new name: they are read, but "target" now means only the HTTP request target."""
+    found = []
+    tenant = tree.get("tenant")
+    if isinstance(tenant, Mapping) and "default_target" in tenant:
+        found.append("tenant.default_target (now tenant.default_side)")
+    routing = tree.get("routing")
+    pinned = routing.get("pinned_paths") if isinstance(routing, Mapping) else None
+    for index, path in enumerate(pinned if isinstance(pinned, list) else []):
+        if isinstance(path, Mapping) and "target" in path:
+            found.append(
+                f"routing.pinned_paths[{index}].target (now routing.pinned_paths[{index}].side)"
+            )
+    return found
 
 
 def load_settings(

@@ -18,7 +18,8 @@ Secrets come from the environment, never from arguments (argv is visible to ever
 the machine): ROUTER_ADMIN_TOKEN (the routers' admin token), LAUNCHDARKLY_API_TOKEN (a
 LaunchDarkly REST API access token, with --ld-*). The flag key is --flag-key, else the
 config's flags.flag_key (--config, ROUTER_CONFIG or config/router.yaml), else
-tenant-routing.
+tenant-routing. Tenant ids are checked against the config's tenant.max_length (default
+128), so these tools accept exactly the ids the routers route.
 
 Exit status: 0 done (moved, or already on new), 1 failed (rolled back, refused or stuck),
 2 usage or configuration, 130 migrate interrupted (SIGINT; the journal makes a rerun resume).
@@ -32,13 +33,28 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-import yaml
-
+from router.cli.common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    UsageError,
+    admin_token,
+    admin_urls,
+    config_section,
+    config_tree,
+    count,
+    fraction,
+    marks,
+    non_negative,
+    positive,
+    reporting_usage_errors,
+    tenant_max_length,
+    with_config,
+)
 from router.control.cutover import (
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_MAX_LAG,
@@ -70,11 +86,6 @@ from router.control.migrate import (
     step_line,
 )
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-DEFAULT_CONFIG = "config/router.yaml"
 OUTCOMES = {
     "moved": "moved",
     "already-new": "already on new",
@@ -86,62 +97,7 @@ OUTCOMES = {
 Writer = FileFlagWriter | LaunchDarklyFlagWriter
 
 
-class UsageError(Exception):
-    """Bad arguments or environment: exit 2 with the message."""
-
-
-def _marks(stream: IO[str]) -> tuple[str, str]:
-    encoding = getattr(stream, "encoding", None) or "ascii"
-    try:
-        "✓✗".encode(encoding)
-    except (UnicodeEncodeError, LookupError):
-        return "OK", "FAIL"
-    return "✓", "✗"
-
-
 # ---- shared options ---------------------------------------------------------------------
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(
-            f"must be a fraction in (0, 1], e.g. 0.999 for 99.9 %; got {text}"
-        )
-    return value
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -167,7 +123,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--drain-timeout",
-        type=_positive,
+        type=positive,
         default=DEFAULT_DRAIN_TIMEOUT,
         metavar="S",
         help="longest wait for legacy requests in flight to finish "
@@ -175,7 +131,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--verify-timeout",
-        type=_positive,
+        type=positive,
         default=DEFAULT_VERIFY_TIMEOUT,
         metavar="S",
         help=f"longest wait for every router to see a flag change (default "
@@ -189,7 +145,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--max-lag",
-        type=_non_negative,
+        type=non_negative,
         default=DEFAULT_MAX_LAG,
         metavar="S",
         help=f"preflight: highest acceptable lag_seconds (default {DEFAULT_MAX_LAG:g}); after "
@@ -197,7 +153,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--replication-timeout",
-        type=_positive,
+        type=positive,
         default=DEFAULT_REPLICATION_TIMEOUT,
         metavar="S",
         help=f"longest wait for replication to catch up after the drain, the tenant held "
@@ -205,7 +161,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--poll",
-        type=_positive,
+        type=positive,
         default=0.05,
         metavar="S",
         help="interval between polls of the routers (default 0.05)",
@@ -213,58 +169,42 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     gate = p.add_argument_group("shadow gate (router shadow report TENANT shows the figures)")
     gate.add_argument(
         "--require-shadow-match",
-        type=_fraction,
+        type=fraction,
         metavar="R",
         help="refuse to cut a tenant over (nothing changed) unless its shadow match rate, "
         "summed over every router, is at least R (0 < R <= 1, e.g. 0.999)",
     )
     gate.add_argument(
         "--min-samples",
-        type=_count,
+        type=count,
         metavar="N",
         help="with --require-shadow-match: refuse unless at least N shadow comparisons "
         f"(default {DEFAULT_SHADOW_MIN_SAMPLES})",
     )
 
 
-def _config_tree(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The config file as YAML, for the few keys the CLI reads (no full validation: the
-    SRE's machine need not hold the routers' upstream settings); None when none is named
-    (--config, ROUTER_CONFIG) and config/router.yaml is absent. A named file that cannot
-    be read is a usage error."""
-    path = args.config or os.environ.get("ROUTER_CONFIG")
-    if path is None and Path(DEFAULT_CONFIG).is_file():
-        path = DEFAULT_CONFIG
-    if path is None:
-        return None
-    try:
-        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise UsageError(f"{path}: cannot read the config: {exc}") from None
-    return tree if isinstance(tree, dict) else {}
-
-
-def _flag_key(args: argparse.Namespace) -> str:
+def _flag_key(args: argparse.Namespace, tree: dict[str, Any] | None) -> str:
     """--flag-key, else flags.flag_key of the config file, else tenant-routing."""
     if args.flag_key:
         return str(args.flag_key)
-    tree = _config_tree(args)
-    flags = tree.get("flags") if tree is not None else None
-    key = flags.get("flag_key") if isinstance(flags, dict) else None
+    key = config_section(tree, "flags").get("flag_key")
     if key is not None and (not isinstance(key, str) or not key):
         raise UsageError("the config's flags.flag_key must be a non-empty string")
     return key or DEFAULT_FLAG_KEY
 
 
-def _writer(args: argparse.Namespace) -> Writer:
-    flag_key = _flag_key(args)
+def _writer(args: argparse.Namespace, tree: dict[str, Any] | None) -> Writer:
+    """The flag the routers read, where --flags-file or --ld-* says; tenant ids checked
+    against the config's tenant.max_length, as the routers check them."""
+    flag_key = _flag_key(args, tree)
+    max_length = tenant_max_length(tree)
     ld = args.ld_project is not None or args.ld_environment is not None
     if args.flags_file is not None and ld:
         raise UsageError("give either --flags-file or --ld-project/--ld-environment, not both")
     if args.flags_file is not None:
         if not args.flags_file.is_file():
             raise UsageError(f"--flags-file {args.flags_file}: no such file")
-        return FileFlagWriter(args.flags_file, flag_key)
+        return FileFlagWriter(args.flags_file, flag_key, tenant_max_length=max_length)
     if not ld:
         raise UsageError(
             "say where the flag is: --flags-file F, or --ld-project P --ld-environment E"
@@ -281,33 +221,13 @@ def _writer(args: argparse.Namespace) -> Writer:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--ld-base-url must be an http(s) URL, got {args.ld_base_url!r}")
     return LaunchDarklyFlagWriter(
-        token, args.ld_project, args.ld_environment, flag_key, base_url=args.ld_base_url
+        token,
+        args.ld_project,
+        args.ld_environment,
+        flag_key,
+        base_url=args.ld_base_url,
+        tenant_max_length=max_length,
     )
-
-
-def _admins(args: argparse.Namespace) -> list[str]:
-    admins: list[str] = []
-    for url in args.admin:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UsageError(
-                f"--admin must be a router's admin URL (http://host:port), got {url!r}"
-            )
-        if parts.path not in ("", "/") or parts.query:
-            raise UsageError(f"--admin {url}: give the admin port's base URL, without a path")
-        if url.rstrip("/") not in admins:
-            admins.append(url.rstrip("/"))
-    return admins
-
-
-def _admin_token() -> str:
-    token = os.environ.get("ROUTER_ADMIN_TOKEN", "")
-    if not token:
-        raise UsageError(
-            "ROUTER_ADMIN_TOKEN is not set (the routers' admin token; it is never taken as "
-            "an argument)"
-        )
-    return token
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -331,31 +251,20 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
-def _usage(command: str, func: Callable[[argparse.Namespace], int]) -> Any:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except (UsageError, MigrateError, FlagWriterError) as exc:
-            print(f"router {command}: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-
-    return run
-
-
 # ---- router cutover ---------------------------------------------------------------------
 
 
 def cmd_cutover(args: argparse.Namespace) -> int:
     _options(args)  # a bad combination: exit 2 before anything happens
-    writer = _writer(args)
-    admins = _admins(args)
-    token = _admin_token()
+    writer = _writer(args, config_tree(args))
+    admins = admin_urls(args.admin)
+    token = admin_token()
     return asyncio.run(_cutover(args, writer, admins, token))
 
 
 async def _cutover(args: argparse.Namespace, writer: Writer, admins: list[str], token: str) -> int:
     out = sys.stdout
-    check, cross = _marks(out)
+    check, cross = marks(out)
 
     def on_step(step: Step) -> None:
         if not args.json:
@@ -427,14 +336,15 @@ def _result_line(result: CutoverResult, check: str, cross: str) -> str:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     _options(args)  # a bad combination: exit 2 before anything happens
-    entries, warnings = read_tenants(args.tenants)
+    tree = config_tree(args)
+    entries, warnings = read_tenants(args.tenants, tenant_max_length(tree))
     journal_path = args.journal or Path(f"{args.tenants}.journal")
     states, journal_warnings = Journal.load(journal_path)
     for warning in warnings + journal_warnings:
         print(f"router migrate: warning: {warning}", file=sys.stderr)
-    writer = _writer(args)
-    admins = _admins(args)
-    token = _admin_token()
+    writer = _writer(args, tree)
+    admins = admin_urls(args.admin)
+    token = admin_token()
     if args.dry_run:
         return asyncio.run(_dry_run(entries, writer, admins, token, states, args.wave_size))
     return asyncio.run(_migrate(args, entries, writer, admins, token, states, journal_path))
@@ -464,7 +374,7 @@ async def _migrate(
     journal_path: Path,
 ) -> int:
     out, err = sys.stdout, sys.stderr
-    check, cross = _marks(out)
+    check, cross = marks(out)
     journal = Journal(journal_path)
     journal.open()
     progress = Progress(
@@ -564,14 +474,17 @@ def _print_summary(summary: Summary, out: IO[str]) -> None:
 # ---- registration -----------------------------------------------------------------------
 
 
-def register(
-    sub: Any, with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
-) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     one = with_config(
         sub.add_parser(
             "cutover",
-            help="move one tenant to new: hold, drain, new, verify (rolls back if unsafe)",
-            description=__doc__.split("\n\n")[0],
+            help="move one tenant to new safely, or roll it back",
+            description="Move TENANT from legacy to new on every --admin router: hold its "
+            "new requests, let its legacy requests drain, flip its flag to new, verify that "
+            "every router routes it to new. A step that fails before the flip rolls the "
+            "tenant back to legacy, and so does Ctrl-C before the flip (after it, the "
+            "cutover finishes). Exit 0 on new, 1 not moved, 2 usage (nothing done), 130 "
+            "interrupted and rolled back.",
         )
     )
     one.add_argument("tenant")
@@ -582,13 +495,19 @@ def register(
         action="store_true",
         help="the flag says hold (an earlier cutover stopped midway): drain and finish it",
     )
-    one.set_defaults(func=_usage("cutover", cmd_cutover))
+    one.set_defaults(
+        func=reporting_usage_errors("cutover", cmd_cutover, MigrateError, FlagWriterError)
+    )
 
     many = with_config(
         sub.add_parser(
             "migrate",
-            help="cut over every tenant of a file: waves, bounded concurrency and rate, "
-            "resumable journal",
+            help="cut over every tenant of a file, in waves, resumably",
+            description="Cut over every tenant of --tenants FILE, smallest first when it "
+            "gives sizes: wave by wave, --concurrency at once, at most --rate starts a "
+            "minute, each as `router cutover` does. A journal records every step, so "
+            "rerunning the same command resumes. Exit 0 every tenant on new, 1 some not, 2 "
+            "usage, 130 interrupted (rerun to resume).",
         )
     )
     many.add_argument(
@@ -601,21 +520,21 @@ def register(
     _add_common(many)
     many.add_argument(
         "--concurrency",
-        type=_count,
+        type=count,
         default=DEFAULT_CONCURRENCY,
         metavar="N",
         help=f"cutovers at once (default {DEFAULT_CONCURRENCY})",
     )
     many.add_argument(
         "--rate",
-        type=_non_negative,
+        type=non_negative,
         default=0.0,
         metavar="PER_MIN",
         help="at most this many cutover starts a minute (default 0: no limit)",
     )
     many.add_argument(
         "--wave-size",
-        type=_count,
+        type=count,
         default=DEFAULT_WAVE_SIZE,
         metavar="N",
         help=f"tenants per wave; a wave ends before the next starts (default {DEFAULT_WAVE_SIZE})",
@@ -632,14 +551,14 @@ def register(
     )
     many.add_argument(
         "--eta-window",
-        type=_count,
+        type=count,
         default=20,
         metavar="N",
         help="completions the rate and ETA are computed over (default 20)",
     )
     many.add_argument(
         "--progress-interval",
-        type=_positive,
+        type=positive,
         default=10.0,
         metavar="S",
         help="seconds between progress lines when stderr is not a terminal (default 10)",
@@ -649,4 +568,6 @@ def register(
         action="store_true",
         help="print the plan and each tenant's flag; change nothing",
     )
-    many.set_defaults(func=_usage("migrate", cmd_migrate))
+    many.set_defaults(
+        func=reporting_usage_errors("migrate", cmd_migrate, MigrateError, FlagWriterError)
+    )

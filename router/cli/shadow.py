@@ -38,26 +38,36 @@ from typing import IO, Any
 
 import httpx
 
-from router.cli.cutover import UsageError, _admin_token, _admins, _config_tree, _count, _marks
+from router.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    admin_token,
+    admin_urls,
+    check_tenant_id,
+    config_section,
+    config_tree,
+    count,
+    marks,
+    reporting_usage_errors,
+    tenant_max_length,
+    with_config,
+)
 from router.control.cutover import MISMATCH_KINDS, Routers, ShadowTotals, ShadowView, format_rate
-from router.proxy.identify import TenantIdentifier
-from router.settings import TenantSettings
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 DEFAULT_ADMIN_PORT = 8081
 DEFAULT_LIMIT = 50
 MAX_DIFF_LINES = 20  # body diff lines shown per mismatch (--json has them all)
 
 
-def register(
-    sub: Any, with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
-) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     shadow = sub.add_parser(
         "shadow",
-        help="shadow traffic: how new's answers compare with legacy's (report, reset)",
-        description=__doc__.split("\n\n")[0],
+        help="compare new's answers with legacy's (report, reset)",
+        description="Before moving a tenant: how new's answers to copies of its requests "
+        "compare with legacy's, summed over every router (report), and starting the "
+        "count afresh (reset).",
     )
     shadow_sub = shadow.add_subparsers(dest="shadow_command", required=True)
 
@@ -76,12 +86,12 @@ def register(
     report.add_argument("--json", action="store_true", help="one JSON document on stdout")
     report.add_argument(
         "--limit",
-        type=_count,
+        type=count,
         default=DEFAULT_LIMIT,
         metavar="N",
         help=f"recent mismatches to show, newest first (default {DEFAULT_LIMIT})",
     )
-    report.set_defaults(func=_usage("shadow report", cmd_report))
+    report.set_defaults(func=reporting_usage_errors("shadow report", cmd_report))
 
     reset = with_config(
         shadow_sub.add_parser(
@@ -94,7 +104,7 @@ def register(
     )
     reset.add_argument("tenant", help="the tenant id")
     _add_admin(reset)
-    reset.set_defaults(func=_usage("shadow reset", cmd_reset))
+    reset.set_defaults(func=reporting_usage_errors("shadow reset", cmd_reset))
 
 
 def _add_admin(p: argparse.ArgumentParser) -> None:
@@ -105,17 +115,6 @@ def _add_admin(p: argparse.ArgumentParser) -> None:
         help="a router's admin URL (http://host:8081); repeat for every router instance "
         "(default: this machine's router, port from the config's server.admin_listen)",
     )
-
-
-def _usage(command: str, func: Callable[[argparse.Namespace], int]) -> Any:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return func(args)
-        except UsageError as exc:
-            print(f"router {command}: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-
-    return run
 
 
 # ---- router shadow report ---------------------------------------------------------------
@@ -256,7 +255,7 @@ def _print_mismatch(entry: dict[str, Any], out: IO[str]) -> None:
 def cmd_reset(args: argparse.Namespace) -> int:
     tenant, admins, token = _prepare(args)
     views = asyncio.run(_ask(admins, token, lambda r, a: r.reset_shadow(a, tenant)))
-    check, cross = _marks(sys.stdout)
+    check, cross = marks(sys.stdout)
     for view in views:
         if view.ok:
             print(f"{check} {view.url}: {tenant}'s shadow figures reset", file=sys.stdout)
@@ -275,16 +274,10 @@ def cmd_reset(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> tuple[str, list[str], str]:
     """(tenant, admin URLs, token), or a UsageError."""
-    tree = _config_tree(args)
-    tenant = args.tenant
-    max_length = _max_length(tree)
-    if not TenantIdentifier(TenantSettings(max_length=max_length)).is_valid(tenant):
-        raise UsageError(
-            f"{tenant!r} is not a valid tenant id (1 to {max_length} characters of "
-            "A-Z a-z 0-9 . _ : @ -)"
-        )
-    admins = _admins(args) if args.admin else [_default_admin(tree)]
-    return tenant, admins, _admin_token()
+    tree = config_tree(args)
+    tenant = check_tenant_id(args.tenant, tenant_max_length(tree))
+    admins = admin_urls(args.admin) if args.admin else [_default_admin(tree)]
+    return tenant, admins, admin_token()
 
 
 async def _ask(
@@ -297,22 +290,12 @@ async def _ask(
         return list(await asyncio.gather(*(call(routers, a) for a in routers.admins)))
 
 
-def _section(tree: dict[str, Any] | None, name: str) -> dict[str, Any]:
-    section = (tree or {}).get(name)
-    return section if isinstance(section, dict) else {}
-
-
-def _max_length(tree: dict[str, Any] | None) -> int:
-    value = _section(tree, "tenant").get("max_length")
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1024:
-        return value
-    return TenantSettings().max_length
-
-
 def _default_admin(tree: dict[str, Any] | None) -> str:
     """http://HOST:PORT of this machine's router: ROUTER_ADMIN_LISTEN, else the config's
     server.admin_listen, else port 8081; a wildcard host (0.0.0.0, ::) means 127.0.0.1."""
-    listen = os.environ.get("ROUTER_ADMIN_LISTEN") or _section(tree, "server").get("admin_listen")
+    listen = os.environ.get("ROUTER_ADMIN_LISTEN") or config_section(tree, "server").get(
+        "admin_listen"
+    )
     if listen is None:
         return f"http://127.0.0.1:{DEFAULT_ADMIN_PORT}"
     host, sep, port = str(listen).rpartition(":")

@@ -1,12 +1,14 @@
 """`router sign TENANT legacy|new`: the headers that force TENANT's test requests to a side.
 
     router sign TENANT legacy|new [--secret-env NAME] [--format headers|curl|json]
+                [--config F]
 
 The secret is read from the environment only (`ROUTER_OVERRIDE_SECRET`, or the variable
 named by --secret-env), never from an argument: an argument lands in shell history and in
 `ps` for every user of the machine. The signature is valid for the router's
 `routing.override_window` (default 300 s) around now; see router/control/override.py for the
-format, to produce it from a test suite directly.
+format, to produce it from a test suite directly. TENANT must be an id the routers route:
+the config's `tenant.max_length` (--config, ROUTER_CONFIG or config/router.yaml) bounds it.
 
     --format headers   X-Router-Target: new
                        X-Router-Signature: t=...,v1=...
@@ -15,7 +17,8 @@ format, to produce it from a test suite directly.
                        `curl $(router sign acme new --format curl) URL` work)
     --format json      {"X-Router-Target": "new", "X-Router-Signature": "t=...,v1=..."}
 
-Exit status: 0 ok, 2 usage (no secret in the environment, invalid tenant id).
+Exit status: 0 ok, 2 usage (no secret in the environment, invalid tenant id, unreadable
+config).
 """
 
 from __future__ import annotations
@@ -25,28 +28,33 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Callable
 
-from router.control.override import TARGETS, signed_headers
+from router.cli.common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    check_tenant_id,
+    config_tree,
+    reporting_usage_errors,
+    tenant_max_length,
+    with_config,
+)
+from router.control.override import signed_headers
+from router.domain import SIDES
 
 DEFAULT_SECRET_ENV = "ROUTER_OVERRIDE_SECRET"
-EXIT_USAGE = 2
 
 
-def register(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
-    with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
-) -> None:
-    """Add `router sign` (it reads no configuration file: `with_config` is unused)."""
-    del with_config
-    parser = sub.add_parser(
-        "sign",
-        help="print signed X-Router-Target headers for test traffic",
-        description="Print the X-Router-Target and X-Router-Signature headers that force "
-        "TENANT's requests to a side. The secret is read from the environment only.",
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = with_config(
+        sub.add_parser(
+            "sign",
+            help="signed headers that send a tenant's test requests to one side",
+            description="Print the X-Router-Target and X-Router-Signature headers that force "
+            "TENANT's requests to a side. The secret is read from the environment only.",
+        )
     )
     parser.add_argument("tenant", help="the tenant id the router identifies for the requests")
-    parser.add_argument("target", choices=TARGETS)
+    parser.add_argument("side", choices=SIDES, help="the side the requests are sent to")
     parser.add_argument(
         "--secret-env",
         default=DEFAULT_SECRET_ENV,
@@ -59,13 +67,10 @@ def register(
         default="headers",
         help="header lines (default), curl -H arguments, or a JSON object",
     )
-    parser.set_defaults(func=cmd_sign)
+    parser.set_defaults(func=reporting_usage_errors("sign", cmd_sign))
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
-    from router.proxy.identify import TenantIdentifier
-    from router.settings import TenantSettings
-
     secret = os.environ.get(args.secret_env)
     if not secret:
         print(
@@ -74,14 +79,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    if not TenantIdentifier(TenantSettings()).is_valid(args.tenant):
-        print(
-            f"router sign: {args.tenant!r} is not a valid tenant id"
-            " (1-128 characters from A-Z a-z 0-9 . _ : @ -)",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
-    headers = signed_headers(secret, args.target, args.tenant)
+    tenant = check_tenant_id(args.tenant, tenant_max_length(config_tree(args)))
+    headers = signed_headers(secret, args.side, tenant)
     if args.format == "json":
         print(json.dumps(headers))
     elif args.format == "curl":
@@ -91,4 +90,4 @@ def cmd_sign(args: argparse.Namespace) -> int:
     else:
         for name, value in headers.items():
             print(f"{name}: {value}")
-    return 0
+    return EXIT_OK

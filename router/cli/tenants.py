@@ -7,6 +7,7 @@
 The ledger is the config's `ledger` setting (or ROUTER_LEDGER). Exit status: 0 ok; 1 the
 tenant is not in the ledger, or the ledger could not be read or written; 2 bad
 configuration or usage (an invalid tenant id, a rollback without --accept-data-loss).
+Tenant ids are checked against the config's tenant.max_length, as the routers check them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from router.cli.main import _load
+from router.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+    check_tenant_id,
+    reporting_usage_errors,
+    settings_from,
+    with_config,
+)
 from router.control.ledger import (
     Ledger,
     LedgerError,
@@ -29,27 +39,29 @@ from router.control.ledger import (
     open_ledger,
     sqlite_path,
 )
-from router.proxy.identify import TenantIdentifier
 
-EXIT_USAGE = 2
 T = TypeVar("T")
 
 
-def register(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
-    with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser],
-) -> None:
-    tenants = sub.add_parser("tenants", help="the ratchet ledger: list, show, roll back")
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    tenants = sub.add_parser(
+        "tenants",
+        help="tenants kept on new by the ratchet: list, show, roll back",
+        description="The ratchet ledger: once new has served a tenant, the routers record "
+        "it there and never route it back to legacy (replication runs legacy -> new only, "
+        "so legacy lacks what it wrote on new). List the ledger, show one tenant, or roll "
+        "one back.",
+    )
     tenants_sub = tenants.add_subparsers(dest="tenants_command", required=True)
 
     listing = with_config(tenants_sub.add_parser("ledger", help="list every ledgered tenant"))
     listing.add_argument("--json", action="store_true", help="machine-readable output")
-    listing.set_defaults(func=cmd_ledger)
+    listing.set_defaults(func=reporting_usage_errors("tenants ledger", cmd_ledger))
 
     show = with_config(tenants_sub.add_parser("show", help="one tenant's ledger entry"))
     show.add_argument("tenant")
     show.add_argument("--json", action="store_true", help="machine-readable output")
-    show.set_defaults(func=cmd_show)
+    show.set_defaults(func=reporting_usage_errors("tenants show", cmd_show))
 
     rollback = with_config(
         tenants_sub.add_parser(
@@ -66,7 +78,7 @@ def register(
         action="store_true",
         help="required: you accept that data written on new since the cutover stays behind",
     )
-    rollback.set_defaults(func=cmd_rollback)
+    rollback.set_defaults(func=reporting_usage_errors("tenants rollback", cmd_rollback))
 
 
 # ---- commands ---------------------------------------------------------------------------
@@ -77,17 +89,17 @@ def cmd_ledger(args: argparse.Namespace) -> int:
     entries = _with_ledger(ledger, list_entries)
     if args.json:
         print(json.dumps({"ledger": ledger.url, "tenants": entries}, indent=2))
-        return 0
+        return EXIT_OK
     if not entries:
         print(f"no tenants in the ratchet ledger ({ledger.url})")
-        return 0
+        return EXIT_OK
     width = max(len("TENANT"), *(len(e["tenant"]) for e in entries))
     print(f"{'TENANT':<{width}}  {'RECORDED (UTC)':<19}  BY")
     for e in entries:
         print(f"{e['tenant']:<{width}}  {_when(e['recorded_at']):<19}  {e['by'] or '?'}")
     noun = "tenant" if len(entries) == 1 else "tenants"
     print(f"{len(entries)} {noun} in the ratchet ledger ({ledger.url})")
-    return 0
+    return EXIT_OK
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -110,7 +122,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"recorded  {_when(found['recorded_at'])} UTC")
         print(f"by        {found['by'] or '?'}")
         print(f"ledger    {ledger.url}")
-    return 0 if found is not None else 1
+    return EXIT_OK if found is not None else EXIT_FAILED
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -139,7 +151,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             " nothing to roll back",
             file=sys.stderr,
         )
-        return 1
+        return EXIT_FAILED
     when = _when(entry["recorded_at"]) + " UTC" if entry else "?"
     by = (entry or {}).get("by") or "?"
     print(f"removed {tenant} from the ratchet ledger ({ledger.url})")
@@ -152,22 +164,19 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         "that starts would ledger it again. If its flag already says legacy, change it\n"
         f"anyway (router flags set {tenant} hold, then legacy) so that routers re-read."
     )
-    return 0
+    return EXIT_OK
 
 
 # ---- helpers ----------------------------------------------------------------------------
 
 
 def _ledger(args: argparse.Namespace, tenant: str | None = None) -> Ledger:
-    """The configured ledger (not opened yet); exits 2 on a bad config or tenant id."""
-    settings = _load(args)  # ConfigError: router.cli.main reports it, exit 2
-    if tenant is not None and not TenantIdentifier(settings.tenant).is_valid(tenant):
-        print(
-            f"router tenants: {tenant!r} is not a valid tenant id (1 to"
-            f" {settings.tenant.max_length} characters of A-Z a-z 0-9 . _ : @ -)",
-            file=sys.stderr,
-        )
-        raise SystemExit(EXIT_USAGE)
+    """The configured ledger (not opened yet); a UsageError for a tenant id the routers
+    would not route, or a ledger URL they could not open (a ConfigError for a bad config:
+    router.cli.main reports it)."""
+    settings = settings_from(args)
+    if tenant is not None:
+        check_tenant_id(tenant, settings.tenant.max_length)
     try:
         if urlsplit(settings.ledger).scheme == "sqlite":
             # Never create a ledger file here: a missing one means a path the routers do
@@ -175,8 +184,7 @@ def _ledger(args: argparse.Namespace, tenant: str | None = None) -> Ledger:
             return SqliteLedger(sqlite_path(settings.ledger), create=False)
         return open_ledger(settings.ledger)
     except LedgerError as exc:
-        print(f"router tenants: {exc}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE) from None
+        raise UsageError(str(exc)) from None
 
 
 def _with_ledger(ledger: Ledger, action: Callable[[Ledger], Awaitable[T]]) -> T:
@@ -194,7 +202,7 @@ def _with_ledger(ledger: Ledger, action: Callable[[Ledger], Awaitable[T]]) -> T:
         return asyncio.run(run())
     except LedgerError as exc:
         print(f"router tenants: ledger error: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(EXIT_FAILED) from None
 
 
 def _when(recorded_at: float | None) -> str:

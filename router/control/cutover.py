@@ -1,5 +1,5 @@
 """The cutover orchestrator: move one tenant from legacy to new with no request answered by
-both sides and none lost (DESIGN.md, "Routing semantics" and "Scale beyond one machine").
+both sides and none lost (docs/design.md, "Hold and cutover" and "Scale beyond one machine").
 
     result = await cutover("acme", writer, ["http://10.0.0.5:8081", ...], token)
 
@@ -13,7 +13,7 @@ Steps, each reported through `on_step` as it ends (name, ok, elapsed ms, detail)
                over every router, and a match rate at least shadow_match
   hold         flag -> hold: routers hold the tenant's new requests (up to their hold_timeout,
                20 s by default) while requests already on legacy finish
-  drain        every router reports `hold` as the tenant's target AND zero legacy requests in
+  drain        every router reports `hold` as the tenant's side AND zero legacy requests in
                flight, on `settle` consecutive polls of all routers at once (see _drain)
   replication  re-run the check: new must have every write legacy took before the drain
   new          flag -> new: the held requests and everything after go to new
@@ -135,7 +135,9 @@ class RouterView:
         return self.state is not None and self.error is None
 
     @property
-    def target(self) -> str | None:
+    def side(self) -> str | None:
+        """Where the router routes the tenant now: legacy, hold or new (the admin API calls
+        the field "target")."""
         return None if self.state is None else str(self.state.get("target"))
 
     @property
@@ -160,7 +162,7 @@ class RouterView:
             return f"{self.url}: {self.error}"
         assert self.state is not None
         reason = self.state.get("reason")
-        text = f"{self.url}: {self.target} ({reason})"
+        text = f"{self.url}: {self.side} ({reason})"
         if self.legacy_inflight:
             text += f", {self.legacy_inflight} legacy in flight"
         if self.ledgered:
@@ -731,7 +733,7 @@ class _Plan:
         run.report("new", True, started, f"flag {self.tenant}: hold -> new")
         started = time.monotonic()
         try:
-            detail = await self._wait_for_target("new", self.verify_timeout)
+            detail = await self._wait_for_side("new", self.verify_timeout)
         except _Failed as exc:
             run.report("verify", False, started, exc.reason)
             return run.result(
@@ -762,7 +764,7 @@ class _Plan:
         self.run.flag = flag
         n = len(views)
         if flag == "new":
-            detail = await self._wait_for_target("new", self.verify_timeout)
+            detail = await self._wait_for_side("new", self.verify_timeout)
             return flag, f"already on new: nothing to do ({detail})"
         if flag == "hold" and not self.resume_hold:
             raise _Failed(
@@ -795,7 +797,7 @@ class _Plan:
                 # leave them so (the gate was for starting the cutover)
                 shadow = "shadow gate not applied (resuming from hold)"
         # The routers may not have seen the latest flag yet (propagation): wait for them.
-        agreed = await self._wait_for_target(flag, self.verify_timeout, abortable=True)
+        agreed = await self._wait_for_side(flag, self.verify_timeout, abortable=True)
         parts = [f"{n} router(s) reachable and authorised", f"flag {flag}", agreed]
         if shadow is not None:
             parts.append(shadow)
@@ -903,7 +905,7 @@ class _Plan:
             legacy = sum(v.legacy_inflight for v in views if v.ok)
             peak = max(peak, legacy)
             held = max(held, sum(v.held for v in views if v.ok))
-            if all(v.ok and v.target == "hold" and v.legacy_inflight == 0 for v in views):
+            if all(v.ok and v.side == "hold" and v.legacy_inflight == 0 for v in views):
                 settled += 1
                 if settled == 1:
                     settled_since = time.monotonic()
@@ -918,7 +920,7 @@ class _Plan:
                 settled = 0
             if time.monotonic() >= deadline:
                 waiting = [
-                    v for v in views if not (v.ok and v.target == "hold" and not v.legacy_inflight)
+                    v for v in views if not (v.ok and v.side == "hold" and not v.legacy_inflight)
                 ]
                 raise _Failed(
                     f"not drained after {self.drain_timeout:g} s: {_summary(waiting)}",
@@ -953,8 +955,8 @@ class _Plan:
                 )
             await asyncio.sleep(min(0.5, max(self.poll, 0.05)))
 
-    async def _wait_for_target(self, target: str, timeout: float, abortable: bool = False) -> str:
-        """Until every router reports `target`; bounded."""
+    async def _wait_for_side(self, side: str, timeout: float, abortable: bool = False) -> str:
+        """Until every router reports `side`; bounded."""
         deadline = time.monotonic() + timeout
         while True:
             if abortable:
@@ -963,12 +965,12 @@ class _Plan:
             fatal = [v for v in views if v.fatal]
             if fatal:
                 raise _Failed(f"router admin refused: {_summary(fatal)}")
-            if all(v.ok and v.target == target for v in views):
-                return f"{len(views)}/{len(views)} router(s) route to {target}"
+            if all(v.ok and v.side == side for v in views):
+                return f"{len(views)}/{len(views)} router(s) route to {side}"
             if time.monotonic() >= deadline:
-                others = [v for v in views if not (v.ok and v.target == target)]
+                others = [v for v in views if not (v.ok and v.side == side)]
                 raise _Failed(
-                    f"after {timeout:g} s not every router routes to {target}: {_summary(others)}"
+                    f"after {timeout:g} s not every router routes to {side}: {_summary(others)}"
                 )
             await asyncio.sleep(self.poll)
 
@@ -987,7 +989,7 @@ class _Plan:
             )
         agreed = True
         try:
-            detail = await self._wait_for_target("legacy", self.verify_timeout)
+            detail = await self._wait_for_side("legacy", self.verify_timeout)
         except _Failed as exc:
             agreed, detail = False, exc.reason
         run.report("rollback", agreed, started, f"flag {self.tenant}: hold -> legacy; {detail}")

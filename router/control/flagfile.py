@@ -51,14 +51,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
-from router.domain import DEFAULT_TENANT_ID_MAX_LENGTH, tenant_id_problem
+from router.domain import (
+    DEFAULT_FLAG_VALUE,
+    DEFAULT_TENANT_ID_MAX_LENGTH,
+    FLAG_VALUES,
+    tenant_id_problem,
+)
 
-VARIATIONS: Final = ("legacy", "hold", "new")
 DEFAULT_FLAG_KEY: Final = "tenant-routing"
-# What the router does when the flag gives no usable answer (DESIGN.md: anything else
-# counts as `legacy`); also the SDK's answer for a missing flag, since the router passes
-# it as the default to `variation()`.
-DEFAULT_VARIATION: Final = "legacy"
 CONTEXT_KIND: Final = "tenant"
 
 
@@ -66,22 +66,23 @@ class FlagFileError(Exception):
     """The flags file is missing, unreadable or malformed, or the request is invalid."""
 
 
-def new_flag(flag_key: str = DEFAULT_FLAG_KEY, default: str = DEFAULT_VARIATION) -> dict[str, Any]:
-    """A complete routing flag: everyone on `default`, one empty target list per variation."""
+def new_flag(flag_key: str = DEFAULT_FLAG_KEY, default: str = DEFAULT_FLAG_VALUE) -> dict[str, Any]:
+    """A complete routing flag: everyone on `default`, one empty target list per flag value
+    (the flag's variations are FLAG_VALUES, in that order)."""
     _check_value(default)
     if not isinstance(flag_key, str) or not flag_key:
         raise FlagFileError(f"flag key must be a non-empty string, got {flag_key!r}")
-    index = VARIATIONS.index(default)
+    index = FLAG_VALUES.index(default)
     return {
         "key": flag_key,
         "on": True,
-        "variations": list(VARIATIONS),
+        "variations": list(FLAG_VALUES),
         "offVariation": index,
         "fallthrough": {"variation": index},
         "targets": [],
         "contextTargets": [
             {"contextKind": CONTEXT_KIND, "variation": i, "values": []}
-            for i in range(len(VARIATIONS))
+            for i in range(len(FLAG_VALUES))
         ],
         "rules": [],
         "prerequisites": [],
@@ -134,8 +135,9 @@ def tenant_variation(data: dict[str, Any], tenant: str, flag_key: str = DEFAULT_
 
     Off: `offVariation`. On: the `tenant` contextTargets entry listing it, else the
     fallthrough. A missing or deleted flag, a missing offVariation or a value outside
-    VARIATIONS gives `legacy`, as in the router. Prerequisites, rules and rollouts would
-    need the SDK's evaluator, so they raise rather than give a possibly wrong answer.
+    FLAG_VALUES gives DEFAULT_FLAG_VALUE (legacy), as in the router. Prerequisites, rules
+    and rollouts would need the SDK's evaluator, so they raise rather than give a possibly
+    wrong answer.
     """
     return _tenant_variation(data, tenant, flag_key, where="flags file")
 
@@ -146,8 +148,10 @@ def set_tenants(
     value: str,
     flag_key: str = DEFAULT_FLAG_KEY,
     create: bool = False,
+    tenant_max_length: int = DEFAULT_TENANT_ID_MAX_LENGTH,
 ) -> dict[str, str]:
-    """Route each tenant to `value`; return {tenant: previous route}.
+    """Route each tenant to `value`; return {tenant: previous route}. Tenant ids must pass
+    the router's rule with the routers' `tenant.max_length` (`tenant_max_length`).
 
     One locked read-modify-write: at most one file write and one version bump per call,
     none if every tenant is already explicitly targeted at `value`. A missing file is an
@@ -159,7 +163,7 @@ def set_tenants(
         raise FlagFileError(f"tenants must be a collection of ids, not the string {tenants!r}")
     wanted = list(dict.fromkeys(tenants))  # de-duplicated, first-seen order
     for tenant in wanted:
-        check_tenant(tenant)
+        _check_tenant(tenant, tenant_max_length)
     target = _resolve(Path(path))
     where = str(path)
     with _exclusive_lock(target, where):
@@ -206,20 +210,28 @@ def set_tenant(
     value: str,
     flag_key: str = DEFAULT_FLAG_KEY,
     create: bool = False,
+    tenant_max_length: int = DEFAULT_TENANT_ID_MAX_LENGTH,
 ) -> str:
     """Route one tenant to `value`; return its previous route."""
-    return set_tenants(path, [tenant], value, flag_key=flag_key, create=create)[tenant]
+    return set_tenants(
+        path,
+        [tenant],
+        value,
+        flag_key=flag_key,
+        create=create,
+        tenant_max_length=tenant_max_length,
+    )[tenant]
 
 
 # --- validation --------------------------------------------------------------------------
 
 
 def _check_value(value: object) -> None:
-    if value not in VARIATIONS:
-        raise FlagFileError(f"variation must be one of {', '.join(VARIATIONS)}; got {value!r}")
+    if value not in FLAG_VALUES:
+        raise FlagFileError(f"variation must be one of {', '.join(FLAG_VALUES)}; got {value!r}")
 
 
-def check_tenant(tenant: object, max_length: int = DEFAULT_TENANT_ID_MAX_LENGTH) -> None:
+def _check_tenant(tenant: object, max_length: int = DEFAULT_TENANT_ID_MAX_LENGTH) -> None:
     """FlagFileError unless `tenant` passes the router's tenant-id rule (router.domain)."""
     problem = tenant_id_problem(tenant, max_length)
     if problem is not None:
@@ -288,11 +300,11 @@ def _tenant_variation(data: dict[str, Any], tenant: str, flag_key: str, where: s
         raise FlagFileError(f'{where}: no "flags" object at the top level')
     flag = flags.get(flag_key)
     if not isinstance(flag, dict) or flag.get("deleted") is True:
-        return DEFAULT_VARIATION
+        return DEFAULT_FLAG_VALUE
     name = f'{where}: flag "{flag_key}"'
     if flag.get("on") is not True:
         off = flag.get("offVariation")
-        return DEFAULT_VARIATION if off is None else _variation_at(flag, off, name)
+        return DEFAULT_FLAG_VALUE if off is None else _variation_at(flag, off, name)
     if flag.get("prerequisites"):
         raise FlagFileError(f"{name} has prerequisites; its routes depend on other flags")
     for entry in flag.get("contextTargets") or []:
@@ -318,7 +330,7 @@ def _variation_at(flag: dict[str, Any], index: object, name: str) -> str:
     if not 0 <= index < len(variations):
         raise FlagFileError(f"{name}: variation index {index} out of range")
     value = variations[index]
-    return value if value in VARIATIONS else DEFAULT_VARIATION
+    return value if value in FLAG_VALUES else DEFAULT_FLAG_VALUE
 
 
 def _move_tenants(flag: dict[str, Any], tenants: list[str], index: int) -> bool:

@@ -60,7 +60,6 @@ class FlagSource:
         self._client: Any = None  # ldclient.LDClient once started
         self._ready = False
         self._on_change: list[ChangeCallback] = []
-        self._on_ready: list[ChangeCallback] = []
         self.updates = 0  # change events seen for our flag
         self.state = "initializing"
         self._constructing: asyncio.Future[Any] | None = None  # LDClient() in its thread
@@ -169,9 +168,6 @@ class FlagSource:
     def add_change_callback(self, callback: ChangeCallback) -> None:
         self._on_change.append(callback)
 
-    def add_ready_callback(self, callback: ChangeCallback) -> None:
-        self._on_ready.append(callback)
-
     def watch(self, flag_key: str) -> None:
         """Also call the change callbacks when `flag_key` changes (decisions read it)."""
         self._watched.add(flag_key)
@@ -225,8 +221,6 @@ class FlagSource:
             self._ready = True
             self.state = "valid" if self.state == "initializing" else self.state
             log.info("flag data loaded", extra={"flag_key": self.flag_key})
-            for callback in self._on_ready:
-                callback()
             # Anything evaluated before data arrived used defaults: forget it.
             for callback in self._on_change:
                 callback()

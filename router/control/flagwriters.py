@@ -59,13 +59,12 @@ import httpx
 from router.control.flagfile import (
     CONTEXT_KIND,
     DEFAULT_FLAG_KEY,
-    VARIATIONS,
     FlagFileError,
-    check_tenant,
     read_flag_file,
     set_tenant,
     tenant_variation,
 )
+from router.domain import DEFAULT_TENANT_ID_MAX_LENGTH, FLAG_VALUES, tenant_id_problem
 
 SEMANTIC_PATCH: Final = "application/json; domain-model=launchdarkly.semanticpatch"
 LD_API_VERSION: Final = "20240415"
@@ -91,30 +90,37 @@ class FlagWriter(Protocol):
         ...
 
 
-def _check(tenant: str, value: str | None = None) -> None:
-    try:
-        check_tenant(tenant)
-    except FlagFileError as exc:
-        raise FlagWriterError(str(exc)) from None
-    if value is not None and value not in VARIATIONS:
-        raise FlagWriterError(f"variation must be one of {', '.join(VARIATIONS)}; got {value!r}")
+def _check(tenant: str, tenant_max_length: int, value: str | None = None) -> None:
+    problem = tenant_id_problem(tenant, tenant_max_length)
+    if problem is not None:
+        raise FlagWriterError(problem)
+    if value is not None and value not in FLAG_VALUES:
+        raise FlagWriterError(f"variation must be one of {', '.join(FLAG_VALUES)}; got {value!r}")
 
 
 # ---- the flag file ----------------------------------------------------------------------
 
 
 class FileFlagWriter:
-    """The local flag file (router.control.flagfile), off the event loop."""
+    """The local flag file (router.control.flagfile), off the event loop. Tenant ids must
+    pass the router's rule with the routers' `tenant.max_length` (`tenant_max_length`)."""
 
-    def __init__(self, path: Path | str, flag_key: str = DEFAULT_FLAG_KEY) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        flag_key: str = DEFAULT_FLAG_KEY,
+        *,
+        tenant_max_length: int = DEFAULT_TENANT_ID_MAX_LENGTH,
+    ) -> None:
         self.path = Path(path)
         self.flag_key = flag_key
+        self.tenant_max_length = tenant_max_length
 
     def describe(self) -> str:
         return f"flags file {self.path} (flag {self.flag_key})"
 
     async def get(self, tenant: str) -> str:
-        _check(tenant)
+        _check(tenant, self.tenant_max_length)
         try:
             data = await asyncio.to_thread(read_flag_file, self.path)
             return tenant_variation(data, tenant, self.flag_key)
@@ -122,9 +128,16 @@ class FileFlagWriter:
             raise FlagWriterError(str(exc)) from None
 
     async def set(self, tenant: str, value: str) -> None:
-        _check(tenant, value)
+        _check(tenant, self.tenant_max_length, value)
         try:
-            await asyncio.to_thread(set_tenant, self.path, tenant, value, self.flag_key)
+            await asyncio.to_thread(
+                set_tenant,
+                self.path,
+                tenant,
+                value,
+                self.flag_key,
+                tenant_max_length=self.tenant_max_length,
+            )
         except FlagFileError as exc:
             raise FlagWriterError(str(exc)) from None
 
@@ -156,6 +169,7 @@ class LaunchDarklyFlagWriter:
         backoff: float = 0.5,
         max_wait: float = 60.0,
         client: httpx.AsyncClient | None = None,
+        tenant_max_length: int = DEFAULT_TENANT_ID_MAX_LENGTH,
     ) -> None:
         if not api_token:
             raise FlagWriterError("no LaunchDarkly API access token (LAUNCHDARKLY_API_TOKEN)")
@@ -165,6 +179,7 @@ class LaunchDarklyFlagWriter:
         self.project_key = project_key
         self.environment_key = environment_key
         self.flag_key = flag_key
+        self.tenant_max_length = tenant_max_length
         self.base_url = base_url.rstrip("/")
         self.max_attempts = max(1, max_attempts)
         self.backoff = backoff
@@ -251,13 +266,13 @@ class LaunchDarklyFlagWriter:
             raise FlagWriterError(f"{where}: {exc}".replace("flags file: ", "")) from None
 
     async def get(self, tenant: str) -> str:
-        _check(tenant)
+        _check(tenant, self.tenant_max_length)
         return self._evaluate(await self.read_flag(), tenant)
 
     # -- writing --
 
     async def set(self, tenant: str, value: str) -> None:
-        _check(tenant, value)
+        _check(tenant, self.tenant_max_length, value)
         flag = await self.read_flag()
         config = self._environment(flag)
         _, ids = self._variation_ids(flag)

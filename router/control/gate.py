@@ -84,7 +84,7 @@ class Gate:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._hold_timeout
         route = decider.decide(tenant)
-        while route.target == "hold":
+        while route.side == "hold":
             if not wait:
                 raise TenantHeld(f"{tenant} is being cut over")
             remaining = deadline - loop.time()
@@ -92,7 +92,7 @@ class Gate:
                 raise HoldTimeout(f"{tenant} stayed in hold for {self._hold_timeout:g} s")
             await decider.holds.wait(tenant, remaining, loop)
             route = decider.decide(tenant)
-        if route.target == "new":
+        if route.side == "new":
             pending = ledger.ensure(tenant)
             if pending is not None:
                 await pending

@@ -38,8 +38,8 @@ from typing import IO, Any, Final, TypeVar
 import httpx
 
 from router.control.cutover import CutoverResult, Routers, Step, cutover
-from router.control.flagfile import FlagFileError, check_tenant
 from router.control.flagwriters import FlagWriter
+from router.domain import DEFAULT_TENANT_ID_MAX_LENGTH, tenant_id_problem
 
 DEFAULT_WAVE_SIZE: Final = 100
 DEFAULT_CONCURRENCY: Final = 4
@@ -59,9 +59,12 @@ class Entry:
     line: int
 
 
-def read_tenants(path: Path) -> tuple[list[Entry], list[str]]:
+def read_tenants(
+    path: Path, tenant_max_length: int = DEFAULT_TENANT_ID_MAX_LENGTH
+) -> tuple[list[Entry], list[str]]:
     """(entries in cutover order, warnings). Sizes sort ascending (stable); a file must
-    give a size on every line or on none."""
+    give a size on every line or on none. Every id must pass the router's rule with the
+    routers' `tenant.max_length` (`tenant_max_length`)."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
@@ -79,10 +82,9 @@ def read_tenants(path: Path) -> tuple[list[Entry], list[str]]:
         if len(fields) > 2:
             raise MigrateError(f"{path}:{number}: expected `tenant` or `tenant,size`: {raw!r}")
         tenant = fields[0]
-        try:
-            check_tenant(tenant)
-        except FlagFileError as exc:
-            raise MigrateError(f"{path}:{number}: {exc}") from None
+        problem = tenant_id_problem(tenant, tenant_max_length)
+        if problem is not None:
+            raise MigrateError(f"{path}:{number}: {problem}")
         size: float | None = None
         if len(fields) == 2:
             try:

@@ -5,7 +5,7 @@ A test suite can run against the old or the new infrastructure on demand by send
     X-Router-Target: new
     X-Router-Signature: t=1700000000,v1=<64 lowercase hex digits>
 
-Without a valid signature the target header is ignored (the request is routed as usual and
+Without a valid signature X-Router-Target is ignored (the request is routed as usual and
 the caller counts the refusal by reason), and both headers are always stripped before a
 request is forwarded (relay.py).
 
@@ -16,11 +16,11 @@ Threat model
   (`ROUTER_OVERRIDE_SECRET`) can. Without a configured secret every override is ignored.
 - The tenant is part of the MAC, so a signature made for a test tenant cannot move a real
   tenant's requests (nor can a signature made for "no tenant" be reused for one).
-- The target is part of the MAC, so a signature for `legacy` cannot be turned into `new`.
+- The side is part of the MAC, so a signature for `legacy` cannot be turned into `new`.
 - The timestamp is part of the MAC and must be within `routing.override_window` seconds
   (default 300) of the router's clock, in either direction (clock skew between the test
   runner and the router): a captured header can be replayed only for that long, and only
-  for the same tenant and target.
+  for the same tenant and side.
 - The MAC is compared in constant time (`hmac.compare_digest`), so response timing tells
   an attacker nothing about how much of a guessed MAC was right.
 - Everything is parsed strictly and bounded before any work: a malformed or oversized
@@ -28,11 +28,11 @@ Threat model
 
 The signature (a contract for test suites in any language)
 ----------------------------------------------------------
-    message   = f"{target}\\n{tenant}\\n{timestamp}"          (UTF-8)
+    message   = f"{side}\\n{tenant}\\n{timestamp}"          (UTF-8)
     mac       = lowercase hex of HMAC-SHA256(key=secret (UTF-8), message)
     header    = f"t={timestamp},v1={mac}"
 
-- `target` is exactly `legacy` or `new`;
+- `side` is exactly `legacy` or `new`;
 - `tenant` is the tenant id the router identifies for the request (header, JWT claim, host
   or path), or the empty string for a request without a tenant;
 - `timestamp` is Unix time in whole seconds, decimal, no sign, no leading zeros, and the
@@ -64,10 +64,11 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+from router.domain import SIDES, TENANT_ID_MAX_LENGTH_LIMIT
+
 __all__ = [
     "REJECTION_REASONS",
     "SIGNATURE_HEADER",
-    "TARGETS",
     "TARGET_HEADER",
     "OverrideVerifier",
     "sign",
@@ -76,7 +77,6 @@ __all__ = [
 
 SIGNATURE_HEADER: Final = "X-Router-Signature"
 TARGET_HEADER: Final = "X-Router-Target"
-TARGETS: Final = ("legacy", "new")
 
 # Why a signature was refused: the complete, fixed label set of
 # router_override_rejections_total{reason} (a label set that cannot grow with the input).
@@ -86,7 +86,7 @@ TARGETS: Final = ("legacy", "new")
 #   malformed   not `t=<digits>,v1=<64 lowercase hex>`, or oversized (signature or tenant)
 #   expired     the timestamp is more than the window away from now, past or future
 #   bad_mac     well-formed and in time, but the MAC does not match (wrong secret, or made
-#               for another tenant, target or timestamp)
+#               for another tenant, side or timestamp)
 REJECTION_REASONS: Final = ("disabled", "bad_target", "missing", "malformed", "expired", "bad_mac")
 
 # Strict and ASCII-only ([0-9], not \d, which matches other scripts' digits): one
@@ -94,48 +94,44 @@ REJECTION_REASONS: Final = ("disabled", "bad_target", "missing", "malformed", "e
 _SIGNATURE = re.compile(r"t=(0|[1-9][0-9]{0,11}),v1=([0-9a-f]{64})")
 # The longest value the pattern accepts: checked first, so a 10 KB header costs a len().
 _MAX_SIGNATURE = len("t=") + 12 + len(",v1=") + 64
-# TenantSettings.max_length's upper bound: no valid tenant id is longer.
-_MAX_TENANT = 1024
 
 _BLOCK = 64  # SHA-256 block size, for the HMAC pads
 
 
-def _message(target: str, tenant: str, timestamp: str) -> bytes:
-    return f"{target}\n{tenant}\n{timestamp}".encode()
+def _message(side: str, tenant: str, timestamp: str) -> bytes:
+    return f"{side}\n{tenant}\n{timestamp}".encode()
 
 
-def sign(secret: str, target: str, tenant: str, timestamp: int) -> str:
-    """The `X-Router-Signature` value for `target` and `tenant` at `timestamp` (Unix
+def sign(secret: str, side: str, tenant: str, timestamp: int) -> str:
+    """The `X-Router-Signature` value for `side` and `tenant` at `timestamp` (Unix
     seconds): `t=<timestamp>,v1=<hex HMAC-SHA256>`. `tenant` is "" for a request without
     one. Raises ValueError for values the router would never accept."""
     if not secret:
         raise ValueError("the override secret is empty")
-    if target not in TARGETS:
-        raise ValueError(f"target must be 'legacy' or 'new', got {target!r}")
-    if len(tenant) > _MAX_TENANT:
-        raise ValueError(f"tenant id longer than {_MAX_TENANT} characters")
+    if side not in SIDES:
+        raise ValueError(f"side must be 'legacy' or 'new', got {side!r}")
+    if len(tenant) > TENANT_ID_MAX_LENGTH_LIMIT:
+        raise ValueError(f"tenant id longer than {TENANT_ID_MAX_LENGTH_LIMIT} characters")
     if isinstance(timestamp, bool) or not isinstance(timestamp, int) or timestamp < 0:
         raise ValueError(f"timestamp must be a non-negative int, got {timestamp!r}")
     stamp = str(timestamp)
-    mac = hmac.new(secret.encode(), _message(target, tenant, stamp), hashlib.sha256)
+    mac = hmac.new(secret.encode(), _message(side, tenant, stamp), hashlib.sha256)
     return f"t={stamp},v1={mac.hexdigest()}"
 
 
-def signed_headers(
-    secret: str, target: str, tenant: str, now: float | None = None
-) -> dict[str, str]:
-    """Both headers forcing `tenant`'s requests to `target`, signed at `now` (default:
+def signed_headers(secret: str, side: str, tenant: str, now: float | None = None) -> dict[str, str]:
+    """Both headers forcing `tenant`'s requests to `side`, signed at `now` (default:
     the current time). Valid for the router's `override_window` around `now`."""
     timestamp = int(time.time() if now is None else now)
     return {
-        TARGET_HEADER: target,
-        SIGNATURE_HEADER: sign(secret, target, tenant, timestamp),
+        TARGET_HEADER: side,
+        SIGNATURE_HEADER: sign(secret, side, tenant, timestamp),
     }
 
 
 class OverrideVerifier:
     """Checks `X-Router-Target` / `X-Router-Signature` for one request: `verify` returns the
-    forced target or None, and never raises.
+    forced side or None, and never raises.
 
     The key is prepared once: HMAC's inner and outer padded keys (RFC 2104) are hashed
     here, and each call copies the two SHA-256 states and hashes only the message, about
@@ -147,8 +143,8 @@ class OverrideVerifier:
         "_clock",
         "_inner",
         "_last_reason",
+        "_last_side",
         "_last_signature",
-        "_last_target",
         "_last_tenant",
         "_outer",
         "_window",
@@ -170,7 +166,7 @@ class OverrideVerifier:
             self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
         # The last refusal, so `rejection_reason` right after `verify` neither computes
         # the MAC again nor disagrees with it (the clock moves between the two calls).
-        self._last_target: str | None = None
+        self._last_side: str | None = None
         self._last_signature: str | None = None
         self._last_tenant: str | None = None
         self._last_reason = "disabled"
@@ -180,47 +176,45 @@ class OverrideVerifier:
         """False without a secret: every override is ignored."""
         return self._inner is not None
 
-    def verify(self, target: str | None, signature: str | None, tenant: str | None) -> str | None:
-        """`"legacy"` or `"new"` when `signature` is valid for `target` and `tenant` now,
+    def verify(self, side: str | None, signature: str | None, tenant: str | None) -> str | None:
+        """`"legacy"` or `"new"` when `signature` is valid for `side` and `tenant` now,
         else None. `tenant` None means a request without a tenant (signed as "")."""
-        result = self._check(target, signature, tenant)
-        if result in TARGETS:
+        result = self._check(side, signature, tenant)
+        if result in SIDES:
             return result
-        self._last_target = target
+        self._last_side = side
         self._last_signature = signature
         self._last_tenant = tenant
         self._last_reason = result
         return None
 
-    def rejection_reason(
-        self, target: str | None, signature: str | None, tenant: str | None
-    ) -> str:
+    def rejection_reason(self, side: str | None, signature: str | None, tenant: str | None) -> str:
         """Why `verify` refused these values: one of REJECTION_REASONS. Meant to be called
         right after `verify` returned None (that refusal's reason is returned, without
         computing the MAC again). For other values they are checked now; values that
         verify have nothing to refuse and give "valid", outside the label set."""
         if (
             signature is self._last_signature
-            and target is self._last_target
+            and side is self._last_side
             and tenant is self._last_tenant
         ):
             return self._last_reason
-        result = self._check(target, signature, tenant)
-        return "valid" if result in TARGETS else result
+        result = self._check(side, signature, tenant)
+        return "valid" if result in SIDES else result
 
-    def _check(self, target: str | None, signature: str | None, tenant: str | None) -> str:
-        """The target ("legacy" / "new") or a rejection reason (never one of those two):
+    def _check(self, side: str | None, signature: str | None, tenant: str | None) -> str:
+        """The side ("legacy" / "new") or a rejection reason (never one of those two):
         one pass, shared by `verify` and `rejection_reason`."""
         inner = self._inner
         if inner is None or self._outer is None:
             return "disabled"
-        if target not in TARGETS:
+        if side not in SIDES:
             return "bad_target"
         if not signature:
             return "missing"
         if tenant is None:
             tenant = ""
-        if len(signature) > _MAX_SIGNATURE or len(tenant) > _MAX_TENANT:
+        if len(signature) > _MAX_SIGNATURE or len(tenant) > TENANT_ID_MAX_LENGTH_LIMIT:
             return "malformed"
         parsed = _SIGNATURE.fullmatch(signature)
         if parsed is None:
@@ -229,7 +223,7 @@ class OverrideVerifier:
         if abs(self._clock() - int(stamp)) > self._window:
             return "expired"
         try:
-            message = _message(target, tenant, stamp)
+            message = _message(side, tenant, stamp)
         except UnicodeEncodeError:  # a lone surrogate: no signer could have produced it
             return "malformed"
         digest = inner.copy()
@@ -238,4 +232,4 @@ class OverrideVerifier:
         outer.update(digest.digest())
         if not hmac.compare_digest(outer.hexdigest(), parsed[2]):
             return "bad_mac"
-        return target
+        return side

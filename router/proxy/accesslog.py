@@ -42,7 +42,7 @@ def _format(
     ts: float,
     request_id: str,
     tenant: str | None,
-    target: str,
+    side: str,
     reason: str,
     method: str,
     path: str,
@@ -70,9 +70,10 @@ def _format(
     upstream = "null" if upstream_ms is None else _decimal3(upstream_ms)
     error_json = "null" if error is None else f'"{error}"'
     path_json: str = _escape(path)
+    # The side is in the field named "target": log pipelines parse that name.
     return (
         f'{{"ts":{_decimal3(ts)},"type":"access","request_id":"{request_id}",'
-        f'"tenant":{tenant_json},"target":"{target}","reason":"{reason}",'
+        f'"tenant":{tenant_json},"target":"{side}","reason":"{reason}",'
         f'"method":"{method}","path":{path_json},"status":{status},"bytes_in":{bytes_in},'
         f'"bytes_out":{bytes_out},"duration_ms":{_decimal3(duration_ms)},'
         f'"upstream_ms":{upstream},"error":{error_json},"client":{client_json}}}\n'
@@ -113,7 +114,7 @@ class AccessLog:
         self,
         request_id: str,
         tenant: str | None,
-        target: str,
+        side: str,
         reason: str,
         method: str,
         path: str,
@@ -136,7 +137,7 @@ class AccessLog:
             return
         buffer = self._buffer
         buffer.append(
-            _format(time.time(), request_id, tenant, target, reason, method, path, status,
+            _format(time.time(), request_id, tenant, side, reason, method, path, status,
                     bytes_in, bytes_out, duration_ms, upstream_ms, error, client)
         )  # fmt: skip
         if len(buffer) >= _FLUSH_LINES:

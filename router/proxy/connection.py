@@ -386,15 +386,57 @@ class _Refused:
         self.error = error
 
 
+# A connection's state: what it is doing with its requests, one at a time (pipelined ones
+# wait in its queue). Ints, not an enum.Enum: compiled, a comparison of two C ints.
+#
+#   IDLE -> SERVING -> IDLE            then the next request in the queue, the idle timer,
+#   IDLE -> WAITING -> SERVING         or the close
+#   SERVING -> LINGERING -> IDLE
+#   WAITING -> IDLE                    the parser refused the rest of the read that
+#                                      completed the request
+#   any -> CLOSED                      the transport is gone (final)
+IDLE: Final = 0  # no request to answer: the keep-alive timer runs
+# `_current` is complete; its handler starts at the end of the read that completed it, so
+# that an error later in the same bytes (a bad chunk) refuses it whole, before anything
+# is sent upstream.
+WAITING: Final = 1
+SERVING: Final = 2  # `_current`'s handler runs
+# `_current` is answered before its body ended: the rest is read and dropped (bounded in
+# time and bytes), so the client reads the answer rather than a reset, then the next.
+LINGERING: Final = 3
+CLOSED: Final = 4  # connection_lost: nothing more happens
+# The transitions _become() allows, by state: a bit per next state.
+_NEXT_STATES: Final = (
+    1 << WAITING | 1 << SERVING | 1 << CLOSED,  # from IDLE
+    1 << SERVING | 1 << IDLE | 1 << CLOSED,  # from WAITING
+    1 << LINGERING | 1 << IDLE | 1 << CLOSED,  # from SERVING
+    1 << IDLE | 1 << CLOSED,  # from LINGERING
+    0,  # from CLOSED
+)
+
+# The reading side, separate: HTTP/1.1 pipelining reads the next request's head while the
+# current one is served, so where the parser is does not follow from the state above.
+READING: Final = 0  # between requests, or in a body
+READING_HEAD: Final = 1  # a head began, its end not yet: its bytes are counted and timed
+# Read no more: the parser refused something, an Upgrade, or the client half-closed.
+NOT_READING: Final = 2
+
+
 class FrontConnection(asyncio.Protocol):
-    """One client connection: parse, hand each request to the handler in turn, answer."""
+    """One client connection: parse, hand each request to the handler in turn, answer.
+
+    Its state is `_state` (IDLE, WAITING, SERVING, LINGERING, CLOSED), changed only by
+    _become(), and `_reading` for the parser's side. The other flags are facts of their
+    own, independent of both: `closing` (no keep-alive after the current answer: learned
+    in any state, from an EOF, an Upgrade, a refusal or the shutdown, and acted on when
+    an answer ends), `_pipeline_paused` and `_body_paused` (two reasons to pause reading,
+    which can hold together), `_write_paused` (the transport's flow control), and
+    `_feeding` (a read is being parsed: requests it completes wait, see WAITING)."""
 
     __slots__ = (
         "_body_paused",
         "_current",
-        "_deferred",
         "_discarded",
-        "_discarding",
         "_feeding",
         "_head_bytes",
         "_head_count",
@@ -402,7 +444,6 @@ class FrontConnection(asyncio.Protocol):
         "_headers",
         "_idle_since",
         "_idle_timer",
-        "_in_head",
         "_linger_timer",
         "_parser",
         "_parser_feed",
@@ -412,8 +453,9 @@ class FrontConnection(asyncio.Protocol):
         "_parsing",
         "_pipeline",
         "_pipeline_paused",
-        "_refused",
+        "_reading",
         "_server",
+        "_state",
         "_task",
         "_url",
         "_wake",
@@ -442,22 +484,18 @@ class FrontConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0  # raw bytes of the head being parsed (limits)
         self._head_count = 0
-        self._in_head = False  # bytes of a request head arrived, its end not yet
+        self._state = IDLE
+        self._reading = READING
         self._parsing: Request | None = None  # the request whose body is being parsed
-        self._current: Request | None = None  # the request being handled
+        # The request answered now (WAITING, SERVING) or whose body is dropped (LINGERING).
+        self._current: Request | None = None
         self._task: asyncio.Task[None] | None = None  # the connection's (_serve)
         self._wake: asyncio.Future[None] | None = None  # set while _serve is parked
-        # While a read is parsed, a request it completes waits for the end of the read
-        # before its handler starts: an error later in the same bytes (a bad chunk) then
-        # refuses it whole, before anything is sent upstream.
-        self._feeding = False
-        self._deferred: Request | None = None
+        self._feeding = False  # data_received is parsing a read (see WAITING)
         self._pipeline: collections.deque[Request | _Refused] = collections.deque()
         self._pipeline_paused = False
         self._body_paused = False
-        self._refused = False  # the parser refused something: read no more
-        self._discarding = False  # the handler is done; the rest of its body is dropped
-        self._discarded = 0  # bytes of it dropped so far
+        self._discarded = 0  # bytes dropped while LINGERING
         self._head_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_since = 0.0  # loop.time() the connection last became idle
@@ -489,6 +527,7 @@ class FrontConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
         self.transport = None
+        self._become(CLOSED)
         self.closing = True
         for timer in (self._head_timer, self._idle_timer, self._linger_timer):
             if timer is not None:
@@ -515,9 +554,9 @@ class FrontConnection(asyncio.Protocol):
         if parsing is not None:
             self._parsing = None
             parsing.content.set_exception(ConnectionResetError("client closed mid-body"))
-        self._refused = True
+        self._reading = NOT_READING
         self.closing = True
-        return self._current is not None or bool(self._pipeline)  # False: idle, close now
+        return self._state != IDLE or bool(self._pipeline)  # False: idle, close now
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -529,7 +568,7 @@ class FrontConnection(asyncio.Protocol):
             waiter.set_result(None)
 
     def data_received(self, data: bytes) -> None:
-        if self._refused:
+        if self._reading == NOT_READING:
             return
         self._feeding = True
         try:
@@ -538,7 +577,7 @@ class FrontConnection(asyncio.Protocol):
             # Upgrade (or CONNECT): the router relays neither; the request as parsed gets its
             # answer (the handler refuses CONNECT; an Upgrade field is hop-by-hop and
             # dropped). What follows on the connection cannot be read as HTTP: close after.
-            self._refused = True
+            self._reading = NOT_READING
             self.closing = True
             if self.transport is not None:
                 self.transport.pause_reading()
@@ -549,17 +588,17 @@ class FrontConnection(asyncio.Protocol):
             return
         finally:
             self._feeding = False
-            if self._deferred is not None:
-                self._deferred = None
+            if self._state == WAITING:
+                self._become(SERVING)
                 self._resume()
-        if self._in_head:
+        if self._reading == READING_HEAD:
             # llhttp holds an unfinished field line until its end, so a line that never
             # ends would grow without bound: count raw bytes of the head too.
             self._head_bytes += len(data)
             if self._head_bytes > self._server.max_head_bytes:
                 self._refuse(HeadersTooLarge("request header section too large"))
                 return
-            if self._head_timer is None and self._current is None:
+            if self._head_timer is None and self._state == IDLE:
                 # Slow headers (slowloris): a complete head must follow in time.
                 self._head_timer = self.loop.call_later(
                     self._server.header_timeout, self._head_too_slow
@@ -568,7 +607,7 @@ class FrontConnection(asyncio.Protocol):
     # ---- httptools callbacks -----------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._in_head = True
+        self._reading = READING_HEAD
         self._url = b""
         self._headers = []
         self._head_count = 0
@@ -589,7 +628,7 @@ class FrontConnection(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._reading = READING
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -644,7 +683,7 @@ class FrontConnection(asyncio.Protocol):
         request = self._parsing
         if request is None:
             return
-        if self._discarding and request is self._current:
+        if self._state == LINGERING and request is self._current:
             self._discard(len(body))
             return
         content = request.content
@@ -656,8 +695,7 @@ class FrontConnection(asyncio.Protocol):
         if request is not None:
             self._parsing = None
             request.content.feed_eof()
-            if self._discarding and request is self._current:
-                self._discarding = False
+            if self._state == LINGERING and request is self._current:
                 if self._linger_timer is not None:
                     self._linger_timer.cancel()
                     self._linger_timer = None
@@ -665,8 +703,13 @@ class FrontConnection(asyncio.Protocol):
 
     # ---- requests in turn --------------------------------------------------------------
 
+    def _become(self, state: int) -> None:
+        """The one place the state changes: only along the transitions drawn above."""
+        assert _NEXT_STATES[self._state] >> state & 1, f"state {self._state} -> {state}"
+        self._state = state
+
     def _enqueue(self, item: Request | _Refused) -> None:
-        if self._current is None and not self._pipeline:
+        if self._state == IDLE and not self._pipeline:
             self._start(item)
             return
         self._pipeline.append(item)
@@ -681,8 +724,9 @@ class FrontConnection(asyncio.Protocol):
             return
         self._current = item
         if self._feeding:
-            self._deferred = item
+            self._become(WAITING)  # data_received starts it once the read is parsed
         else:
+            self._become(SERVING)
             self._resume()
 
     def _resume(self) -> None:
@@ -703,7 +747,7 @@ class FrontConnection(asyncio.Protocol):
         handler = server.handler
         while self.transport is not None:
             request = self._current
-            if request is None or self._discarding:
+            if request is None or self._state != SERVING:
                 self._wake = self.loop.create_future()
                 try:
                     await self._wake
@@ -750,13 +794,13 @@ class FrontConnection(asyncio.Protocol):
         return keep_alive
 
     def _done(self, request: Request, keep_alive: bool) -> None:
-        """The answer to `request` is written: on to the next one, or close."""
-        self._current = None
+        """The answer to `request` is written: on to the next one, linger, or close."""
         transport = self.transport
-        if transport is None:
+        if transport is None:  # CLOSED
+            self._current = None
             return
         if not keep_alive or self.closing or self._server.closing:
-            transport.close()  # flushes what is written, then closes
+            self._close_after_answer(transport)
             return
         content = request.content
         if not content.is_eof():
@@ -770,19 +814,25 @@ class FrontConnection(asyncio.Protocol):
             if "Expect" in request.headers or (
                 length is not None and length - content.total > _LINGER_BYTES
             ):
-                transport.close()
+                self._close_after_answer(transport)
                 return
             content.unread_all()
-            self._current = request
-            self._discarding = True
+            self._become(LINGERING)
             self._discarded = 0
             self.resume_reading_for_body()
             self._linger_timer = self.loop.call_later(_LINGER_SECONDS, self._linger_over)
             return
         self._next()
 
-    def _next(self) -> None:
+    def _close_after_answer(self, transport: asyncio.Transport) -> None:
         self._current = None
+        self._become(IDLE)
+        transport.close()  # flushes what is written, then closes
+
+    def _next(self) -> None:
+        """From SERVING or LINGERING: the next request in the queue, or IDLE until one comes."""
+        self._current = None
+        self._become(IDLE)
         if self._pipeline:
             if self._pipeline_paused and len(self._pipeline) <= _MAX_PIPELINED // 2:
                 self._pipeline_paused = False
@@ -865,7 +915,7 @@ class FrontConnection(asyncio.Protocol):
         if self.transport is None:
             return
         timeout = self._server.keepalive_timeout
-        if self._current is not None or self._pipeline or self._in_head:
+        if self._state != IDLE or self._pipeline or self._reading == READING_HEAD:
             delay = timeout  # busy: _arm_idle runs again when it is done
         else:
             delay = self._idle_since + timeout - self.loop.time()
@@ -877,17 +927,16 @@ class FrontConnection(asyncio.Protocol):
     def _head_too_slow(self) -> None:
         self._head_timer = None
         transport = self.transport
-        if not self._in_head or self._current is not None or transport is None:
+        if self._reading != READING_HEAD or self._state != IDLE or transport is None:
             return
-        self._refused = True
+        self._reading = NOT_READING
         self._server.handler.refuse_connection(
             transport, ClientTimeout("request head not received in time"), "header_timeout"
         )
 
     def _refuse(self, error: ClientError) -> None:
         """The parser refused the request: answer it in turn, then close."""
-        self._refused = True
-        self._in_head = False
+        self._reading = NOT_READING
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
@@ -900,9 +949,10 @@ class FrontConnection(asyncio.Protocol):
                 parsing.content.set_exception(error)
                 parsing.content.feed_eof()
             self.closing = True
-            if parsing is self._deferred:
+            if self._state == WAITING and parsing is self._current:
                 # Its handler has not started: refused whole, nothing goes upstream.
-                self._deferred = self._current = None
+                self._current = None
+                self._become(IDLE)
             elif parsing in self._pipeline:
                 self._pipeline.remove(parsing)
             else:
@@ -924,7 +974,7 @@ class FrontConnection(asyncio.Protocol):
     def close_if_idle(self) -> None:
         """Close now if no request is being handled or queued, else after the current
         answer (shutdown)."""
-        if self._current is None and not self._pipeline and self.transport is not None:
+        if self._state == IDLE and not self._pipeline and self.transport is not None:
             self.transport.close()
         else:
             self.closing = True

@@ -6,10 +6,10 @@ Every change event for the flag re-reads the ratchet ledger, then clears the cac
 wakes the held requests (flags.py hands the SDK's events to the loop), so a flip is seen
 by the next request, and by every held one, within milliseconds of the SDK having it.
 
-Reasons (DESIGN.md), in the order they are tried by `decide_request`:
+Reasons (docs/design.md, "Routing semantics"), in the order they are tried by `decide_request`:
 - `pinned-path`: the path matches a configured pattern that always goes to one side;
 - `override`:   a validly signed X-Router-Target (override.py), for test traffic;
-- `no-tenant`:  no tenant found: the configured default target;
+- `no-tenant`:  no tenant found: the configured default side (tenant.default_side);
 - `ratchet`:    the flag says legacy (or hold) but the tenant is in the ledger: it has been
                 served by new, and replication only runs legacy -> new, so going back would
                 lose its writes. It goes to new, and the refusal is logged and counted;
@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Final, Literal, TypeVar
 
 from router.control.flags import FlagSource
+from router.domain import DEFAULT_FLAG_VALUE, FLAG_VALUES, FlagValue
 from router.errors import HoldOverflow, HoldTimeout, LedgerUnavailable
 from router.settings import PinnedPath, Settings
 
@@ -45,33 +46,33 @@ if TYPE_CHECKING:
 log = logging.getLogger("router.proxy.decide")
 T = TypeVar("T")
 
-Decision = Literal["legacy", "new", "hold"]
 Reason = Literal["flag", "ratchet", "override", "no-tenant", "pinned-path", "default"]
-VARIATIONS: Final = ("legacy", "hold", "new")
 
 
 class Route:
-    """An immutable (target, reason) pair; instances are interned, never built per request.
+    """An immutable (side, reason) pair; instances are interned, never built per request.
+
+    `side` is the flag value the request gets: a side (legacy, new), or `hold` (it waits).
 
     `shadow_rate`: the fraction of this tenant's safe requests copied to new (shadow.py);
     non-zero only on a legacy route chosen by the flag (`shadowed_route`)."""
 
-    __slots__ = ("header_bytes", "header_value", "reason", "shadow_rate", "target")
+    __slots__ = ("header_bytes", "header_value", "reason", "shadow_rate", "side")
 
-    def __init__(self, target: Decision, reason: Reason, shadow_rate: float = 0.0) -> None:
-        self.target: Decision = target
+    def __init__(self, side: FlagValue, reason: Reason, shadow_rate: float = 0.0) -> None:
+        self.side: FlagValue = side
         self.reason: Reason = reason
         self.shadow_rate = shadow_rate
-        self.header_value = f"{target}; reason={reason}"  # X-Routed-To, when enabled
+        self.header_value = f"{side}; reason={reason}"  # X-Routed-To, when enabled
         self.header_bytes = self.header_value.encode("ascii")
 
     def __repr__(self) -> str:
-        return f"Route({self.target!r}, {self.reason!r})"
+        return f"Route({self.side!r}, {self.reason!r})"
 
 
-ROUTES: Final[dict[tuple[Decision, Reason], Route]] = {
-    (target, reason): Route(target, reason)
-    for target in ("legacy", "new", "hold")
+ROUTES: Final[dict[tuple[FlagValue, Reason], Route]] = {
+    (side, reason): Route(side, reason)
+    for side in FLAG_VALUES
     for reason in ("flag", "ratchet", "override", "no-tenant", "pinned-path", "default")
 }
 
@@ -123,7 +124,7 @@ def compile_path_patterns(pairs: Sequence[tuple[str, T]]) -> Callable[[str], T |
 
 def compile_pinned(pinned: list[PinnedPath]) -> Callable[[str], str | None] | None:
     """Path -> the side it is pinned to (routing.pinned_paths), or None."""
-    return compile_path_patterns([(spec.pattern, str(spec.target)) for spec in pinned])
+    return compile_path_patterns([(spec.pattern, str(spec.side)) for spec in pinned])
 
 
 class LedgerView:
@@ -281,7 +282,7 @@ class Decider:
         self._shadow_rate = shadow_rate
         self._cache: dict[str, Route] = {}
         self._cache_size = settings.flags.decision_cache_size
-        self._no_tenant = ROUTES[(settings.tenant.default_target, "no-tenant")]
+        self._no_tenant = ROUTES[(settings.tenant.default_side, "no-tenant")]
         self._pinned = compile_pinned(settings.routing.pinned_paths)
         self._verifier = verifier if verifier is not None and verifier.enabled else None
         self.ledger = ledger
@@ -330,13 +331,13 @@ class Decider:
         if verifier is None:
             self.on_override_rejected("disabled")
             return None
-        target = verifier.verify(forced, signature, tenant)
-        if target is None:
+        side = verifier.verify(forced, signature, tenant)
+        if side is None:
             self.on_override_rejected(verifier.rejection_reason(forced, signature, tenant))
             return None
-        if target == "legacy" and tenant is not None and self._ledgered(tenant):
+        if side == "legacy" and tenant is not None and self._ledgered(tenant):
             return ROUTES[("new", "ratchet")]
-        return ROUTES[(target, "override")]  # type: ignore[index]
+        return ROUTES[(side, "override")]  # type: ignore[index]
 
     def _ledgered(self, tenant: str) -> bool:
         return self.ledger is not None and tenant in self.ledger.tenants
@@ -348,7 +349,7 @@ class Decider:
         return self._evaluate(tenant)
 
     def _evaluate(self, tenant: str) -> Route:
-        value = self._flags.variation(tenant, "legacy")
+        value = self._flags.variation(tenant, DEFAULT_FLAG_VALUE)
         if value == "new":
             return ROUTES[("new", "flag")]
         if value in ("legacy", "hold"):
@@ -368,7 +369,7 @@ class Decider:
             "unknown flag variation; routing to legacy",
             extra={"tenant": tenant, "flag_key": self._flags.flag_key, "value": repr(value)[:100]},
         )
-        return ROUTES[("legacy", "default")]
+        return ROUTES[(DEFAULT_FLAG_VALUE, "default")]
 
     # ---- flag changes ------------------------------------------------------------------
 

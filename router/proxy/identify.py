@@ -4,9 +4,9 @@ Extractors run in the configured order and the first one that yields a *valid* t
 wins. Everything is compiled in `TenantIdentifier.__init__`; `identify` runs on every
 request, so it does no regex compilation and builds no tables.
 
-A value that fails validation (length 1..max_length, characters `A-Za-z0-9._:@-`) counts
-as "not found here" and the next extractor is tried: a hostile id never reaches the flag
-evaluator, the decision cache or the logs.
+A value that fails router.domain's tenant-id rule (1 to `tenant.max_length` characters of
+`A-Za-z0-9._:@-`) counts as "not found here" and the next extractor is tried: a hostile id
+never reaches the flag evaluator, the decision cache or the logs.
 
 JWTs are decoded for routing only; their signatures are NOT verified here (the backend
 does that). A forged token can therefore pick a backend, but not get past it.
@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Final
 from urllib.parse import unquote
 
+from router.domain import is_tenant_id
 from router.settings import (
     HeaderExtractor,
     HostExtractor,
@@ -34,8 +35,6 @@ __all__ = ["TenantIdentifier"]
 # (headers, host, raw_path) -> raw tenant candidate, or None. Validation happens once, in
 # `identify`, so each extractor only has to find a candidate.
 _Extract = Callable[[Mapping[str, str], str | None, str], str | None]
-
-_VALID_TENANT = re.compile(r"[A-Za-z0-9._:@-]+")
 
 # Larger than any real Connect/OIDC token; caps the work a client can make us do.
 _MAX_TOKEN = 8 * 1024
@@ -170,7 +169,7 @@ _KNOWN_VALID_MAX: Final = 65536
 
 
 class TenantIdentifier:
-    __slots__ = ("_extractors", "_known_valid", "_max_length", "_valid")
+    __slots__ = ("_extractors", "_known_valid", "_max_length")
 
     def __init__(self, settings: TenantSettings) -> None:
         # The source label is the settings' own discriminator ("header", "jwt", ...).
@@ -178,12 +177,12 @@ class TenantIdentifier:
             (spec.type, _build(spec)) for spec in settings.extractors
         )
         self._max_length = settings.max_length
-        self._valid = _VALID_TENANT.fullmatch
         self._known_valid: set[str] = set()
 
     def is_valid(self, tenant: str) -> bool:
-        """The rule every extracted tenant id passes (also for ids typed by operators)."""
-        return 0 < len(tenant) <= self._max_length and self._valid(tenant) is not None
+        """router.domain's tenant-id rule with the configured `tenant.max_length`: what every
+        identified tenant id passes (the admin API checks ids in its paths with it too)."""
+        return is_tenant_id(tenant, self._max_length)
 
     def identify(
         self, headers: Mapping[str, str], host: str | None, raw_path: str

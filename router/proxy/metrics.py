@@ -6,7 +6,8 @@ touches eight of them; the event loop thread is the only writer here, so a dict 
 does the same job for a tenth of that. prometheus-client still does what it is good at:
 the families and the text exposition, from `RouterCollector.collect()` at scrape time.
 
-Labels never grow with tenants or paths: target (legacy/new/hold/none), method (the
+Labels never grow with tenants or paths: target (the side: legacy/new/hold/none; named
+`target` before the vocabulary settled, kept for dashboards and alerts), method (the
 standard methods, anything else is OTHER), status code, reason and error code (both
 fixed vocabularies).
 
@@ -47,7 +48,7 @@ METHODS: Final = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
 )
 # Every side a request can be counted against ("none": answered before a side was chosen).
-METRIC_TARGETS: Final = ("legacy", "new", "hold", "none")
+METRIC_SIDES: Final = ("legacy", "new", "hold", "none")
 
 # name -> (type, help, label names). The one list of what the router exports.
 FAMILIES: Final[dict[str, tuple[str, str, tuple[str, ...]]]] = {
@@ -141,11 +142,11 @@ class Metrics:
         self.requests: dict[tuple[str, str, int], int] = {}
         self.decisions: dict[tuple[str, str], int] = {}
         self.upstream_errors: dict[tuple[str, str], int] = {}
-        self.inflight = dict.fromkeys(METRIC_TARGETS, 0)
-        self.request_bytes = dict.fromkeys(METRIC_TARGETS, 0)
-        self.response_bytes = dict.fromkeys(METRIC_TARGETS, 0)
-        self.duration = {t: Histogram(LATENCY_BUCKETS) for t in METRIC_TARGETS}
-        self.connect_duration = {t: Histogram(CONNECT_BUCKETS) for t in METRIC_TARGETS}
+        self.inflight = dict.fromkeys(METRIC_SIDES, 0)
+        self.request_bytes = dict.fromkeys(METRIC_SIDES, 0)
+        self.response_bytes = dict.fromkeys(METRIC_SIDES, 0)
+        self.duration = {t: Histogram(LATENCY_BUCKETS) for t in METRIC_SIDES}
+        self.connect_duration = {t: Histogram(CONNECT_BUCKETS) for t in METRIC_SIDES}
         self.flag_updates = 0
         self.hold_timeouts = 0
         self.ratchet_refusals = 0
@@ -168,16 +169,16 @@ class Metrics:
 
     # ---- hot path ----------------------------------------------------------------------
 
-    def request_started(self, target: str, reason: str) -> None:
+    def request_started(self, side: str, reason: str) -> None:
         decisions = self.decisions
-        key = (target, reason)
+        key = (side, reason)
         decisions[key] = decisions.get(key, 0) + 1
-        self.inflight[target] += 1
+        self.inflight[side] += 1
 
-    def decided(self, target: str, reason: str) -> None:
+    def decided(self, side: str, reason: str) -> None:
         """A decision that does not (yet) send the request anywhere: `hold`."""
         decisions = self.decisions
-        key = (target, reason)
+        key = (side, reason)
         decisions[key] = decisions.get(key, 0) + 1
 
     def shed_one(self, reason: str) -> None:
@@ -189,7 +190,7 @@ class Metrics:
 
     def request_finished(
         self,
-        target: str,
+        side: str,
         method: str,
         status: int,
         seconds: float,
@@ -197,35 +198,35 @@ class Metrics:
         bytes_out: int,
         upstream_error: str | None,
     ) -> None:
-        self.inflight[target] -= 1
+        self.inflight[side] -= 1
         if method not in METHODS:
             method = "OTHER"
         requests = self.requests
-        key = (target, method, status)
+        key = (side, method, status)
         requests[key] = requests.get(key, 0) + 1
-        self.duration[target].observe(seconds)
+        self.duration[side].observe(seconds)
         if bytes_in:
-            self.request_bytes[target] += bytes_in
+            self.request_bytes[side] += bytes_in
         if bytes_out:
-            self.response_bytes[target] += bytes_out
+            self.response_bytes[side] += bytes_out
         if upstream_error is not None:
             errors = self.upstream_errors
-            ekey = (target, upstream_error)
+            ekey = (side, upstream_error)
             errors[ekey] = errors.get(ekey, 0) + 1
 
-    def local_reply(self, method: str, status: int, target: str = "none") -> None:
-        """A request answered by the router itself: before any side was chosen (target
-        none), or held and then refused (target hold)."""
+    def local_reply(self, method: str, status: int, side: str = "none") -> None:
+        """A request answered by the router itself: before any side was chosen (side
+        none), or held and then refused (side hold). The label is `target` (dashboards)."""
         if method not in METHODS:
             method = "OTHER"
-        if target not in ("none", "hold"):
-            target = "none"  # chosen, but refused before reaching it (ledger unavailable)
+        if side not in ("none", "hold"):
+            side = "none"  # chosen, but refused before reaching it (ledger unavailable)
         requests = self.requests
-        key = (target, method, status)
+        key = (side, method, status)
         requests[key] = requests.get(key, 0) + 1
 
-    def connected(self, target: str, seconds: float) -> None:
-        self.connect_duration[target].observe(seconds)
+    def connected(self, side: str, seconds: float) -> None:
+        self.connect_duration[side].observe(seconds)
 
     def flag_updated(self) -> None:
         self.flag_updates += 1
@@ -270,9 +271,9 @@ class Metrics:
         }
         shadow_active, shadow_queued = self.shadow_pending()
         pools: list[Any] = []
-        for target, idle, active in self.pool_sizes():
-            pools.append([[target, "idle"], idle])
-            pools.append([[target, "active"], active])
+        for side, idle, active in self.pool_sizes():
+            pools.append([[side, "idle"], idle])
+            pools.append([[side, "active"], active])
         gauges: dict[str, list[Any]] = {
             "router_inflight_requests": [[[t], v] for t, v in self.inflight.items() if t != "none"],
             "router_flag_source_ready": [[[], 1 if self.flag_ready() else 0]],

@@ -14,11 +14,11 @@ from urllib.parse import quote
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from router.domain import SIDES
 from router.errors import AdminDisabled, BadRequest, RouterError, Unauthorized
 from router.proxy.metrics import merge, render
 from router.proxy.shadow import merge_views
 from router.service.workers import ask_siblings
-from router.settings import TARGETS
 
 if TYPE_CHECKING:
     from router.service.app import RouterApp
@@ -102,7 +102,7 @@ async def tenant(request: web.Request) -> web.Response:
     state = app.tenant_state(tenant_id)
     answers, missing = await ask_siblings(app.worker, f"/internal/tenants/{tenant_id}")
     for other in answers.values():
-        for side in TARGETS:
+        for side in SIDES:
             state["inflight"][side] += other["inflight"][side]
         state["held"] += other["held"]
         state["ledgered"] = state["ledgered"] or other["ledgered"]

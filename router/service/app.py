@@ -13,17 +13,18 @@ from typing import Any
 from router.control.flags import FlagSource
 from router.control.ledger import open_ledger
 from router.control.override import OverrideVerifier
+from router.domain import SIDES
 from router.proxy.accesslog import AccessLog
 from router.proxy.connection import FrontServer
 from router.proxy.decide import Decider, LedgerView
-from router.proxy.handler import ProxyHandler, RequestIds
+from router.proxy.handler import ProcessState, ProxyHandler, RequestIds
 from router.proxy.identify import TenantIdentifier
 from router.proxy.metrics import Metrics
 from router.proxy.relay import HeaderRules
 from router.proxy.shadow import Shadower, ShadowPolicy, shadow_pools
 from router.proxy.upstream import UpstreamPool
 from router.service.workers import WorkerInfo
-from router.settings import TARGETS, HeaderExtractor, Settings
+from router.settings import HeaderExtractor, Settings
 
 log = logging.getLogger("router.app")
 
@@ -60,8 +61,7 @@ class RouterApp:
         # tenant -> requests being proxied now, per side (cutover waits for legacy's to end)
         self.tenant_inflight: dict[str, dict[str, int]] = {}
         self.pools: dict[str, UpstreamPool] = {
-            name: UpstreamPool(name, getattr(settings.upstreams, name), self.loop)
-            for name in TARGETS
+            name: UpstreamPool(name, getattr(settings.upstreams, name), self.loop) for name in SIDES
         }
         tenant_headers = tuple(
             e.name for e in settings.tenant.extractors if isinstance(e, HeaderExtractor)
@@ -84,9 +84,10 @@ class RouterApp:
             enabled=settings.access_log.enabled,
         )
         self.request_ids = RequestIds()
-        self.draining = False
+        # Whether the loop lags (the request phases shed new requests) and whether this
+        # process drains (readiness fails): set here, read by the handler per request.
+        self.state = ProcessState()
         self.worker = worker
-        self.lagging = False  # event-loop lag above limits.max_loop_lag: shed new requests
         self._lag_monitor: asyncio.Future[None] | None = None
         self.flags.add_change_callback(self.metrics.flag_updated)
         self.metrics.held = lambda: self.decider.holds.total
@@ -112,11 +113,11 @@ class RouterApp:
             await asyncio.sleep(interval)
             lag = max(0.0, clock() - started - interval)
             self.metrics.loop_lag = lag
-            if (lag > limit) != self.lagging:
-                self.lagging = lag > limit
+            if (lag > limit) != self.state.lagging:
+                self.state.lagging = lag > limit
                 log.warning(
                     "event loop lagging: shedding new requests"
-                    if self.lagging
+                    if self.state.lagging
                     else "event loop caught up: no longer shedding",
                     extra={"lag_ms": round(lag * 1000, 1), "limit_ms": limit * 1000},
                 )
@@ -155,20 +156,20 @@ class RouterApp:
             "flags_loaded": self.flags.ready,
             "ledger_loaded": self.ledger.loaded,
             "upstream_pools": all(not p._closing for p in self.pools.values()),
-            "not_draining": not self.draining,
+            "not_draining": not self.state.draining,
         }
         return {"ready": all(checks.values()), "checks": checks, "flag_source": self.flags.state}
 
     def tenant_state(self, tenant: str) -> dict[str, Any]:
-        """This worker's view of a tenant (admin.py sums the workers' counts). The target is
-        the decision requests get now (the cache), not a fresh evaluation: between a flag
+        """This worker's view of a tenant (admin.py sums the workers' counts). Its "target" is
+        the side requests get now (the cache), not a fresh evaluation: between a flag
         change and the cache clear that follows the ledger re-read, requests still get the
         old decision, and a cutover must not see `hold` before they do."""
         route = self.decider.decide(tenant)
         counts = self.tenant_inflight.get(tenant, {})
         return {
             "tenant": tenant,
-            "target": route.target,
+            "target": route.side,
             "reason": route.reason,
             "inflight": {"legacy": counts.get("legacy", 0), "new": counts.get("new", 0)},
             "held": self.decider.holds.held(tenant),
@@ -176,10 +177,25 @@ class RouterApp:
         }
 
     def proxy_server(self) -> FrontServer:
-        """The protocol factory for the proxy's listener (front.py)."""
+        """The protocol factory for the proxy's listener (router/proxy/connection.py)."""
         s = self.settings.server
         return FrontServer(
-            ProxyHandler(self),
+            ProxyHandler(
+                self.settings,
+                self.loop,
+                identifier=self.identifier,
+                decider=self.decider,
+                flags=self.flags,
+                ledger=self.ledger,
+                pools=self.pools,
+                header_rules=self.header_rules,
+                shadower=self.shadower,
+                metrics=self.metrics,
+                access_log=self.access_log,
+                request_ids=self.request_ids,
+                tenant_inflight=self.tenant_inflight,
+                state=self.state,
+            ),
             self.loop,
             max_target=s.max_request_line,
             max_field_size=s.max_header_size,

@@ -102,7 +102,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> int:
         if stop.is_set() or signum == signal.SIGINT:
             hurry.set()
         stop.set()
-        app.draining = True  # step 1: readyz 503 from now on
+        app.state.draining = True  # step 1: readyz 503 from now on
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)

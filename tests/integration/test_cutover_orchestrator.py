@@ -206,6 +206,6 @@ async def test_preflight_waits_for_routers_to_agree_with_the_flag(
 
 async def wait_for_target(routers: list[RunningRouter], tenant: str, target: str) -> None:
     deadline = time.monotonic() + 5
-    while any(r.app.decider.evaluate(tenant).target != target for r in routers):
+    while any(r.app.decider.evaluate(tenant).side != target for r in routers):
         assert time.monotonic() < deadline, f"routers never saw {tenant} -> {target}"
         await asyncio.sleep(0.02)

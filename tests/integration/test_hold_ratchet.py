@@ -66,7 +66,7 @@ async def test_held_requests_wait_then_go_where_the_flag_points(
 ) -> None:
     router = await start(backends, flag_file, start_router)
     set_tenants(flag_file, ["acme"], "hold")
-    await wait_for(lambda: router.app.decider.evaluate("acme").target == "hold", what="hold seen")
+    await wait_for(lambda: router.app.decider.evaluate("acme").side == "hold", what="hold seen")
     held = [asyncio.ensure_future(get(client, f"{router.url}/h{i}", "acme")) for i in range(5)]
     await wait_for(lambda: router.app.decider.holds.held("acme") == 5, what="5 held")
     state = await admin(client, router, "/admin/tenants/acme")
@@ -103,7 +103,7 @@ async def test_held_requests_are_released_in_arrival_order(
     upstream: RawUpstream = await raw_upstream(record)
     router = await start_router(router_settings(upstream.url, upstream.url, flag_file))
     set_tenants(flag_file, ["acme"], "hold")
-    await wait_for(lambda: router.app.decider.evaluate("acme").target == "hold")
+    await wait_for(lambda: router.app.decider.evaluate("acme").side == "hold")
     tasks = []
     for i in range(8):
         tasks.append(asyncio.ensure_future(get(client, f"{router.url}/order/{i}", "acme")))
@@ -118,7 +118,7 @@ async def test_a_hold_that_outlasts_its_timeout_is_a_503_with_retry_after(
 ) -> None:
     router = await start(backends, flag_file, start_router, routing__hold_timeout=0.4)
     set_tenants(flag_file, ["acme"], "hold")
-    await wait_for(lambda: router.app.decider.evaluate("acme").target == "hold")
+    await wait_for(lambda: router.app.decider.evaluate("acme").side == "hold")
     started = time.monotonic()
     status, headers, body = await get(client, f"{router.url}/x", "acme")
     elapsed = time.monotonic() - started
@@ -143,7 +143,7 @@ async def test_held_requests_are_bounded_per_tenant_and_in_total(
         routing__max_held_per_tenant=2, routing__max_held_total=3, routing__hold_timeout=5,
     )  # fmt: skip
     set_tenants(flag_file, ["acme", "initech"], "hold")
-    await wait_for(lambda: router.app.decider.evaluate("initech").target == "hold")
+    await wait_for(lambda: router.app.decider.evaluate("initech").side == "hold")
     first = [asyncio.ensure_future(get(client, f"{router.url}/a", "acme")) for _ in range(2)]
     await wait_for(lambda: router.app.decider.holds.total == 2)
     # A third for acme: over the per-tenant bound, refused at once.
@@ -246,7 +246,7 @@ async def test_a_rollback_in_the_ledger_is_seen_on_the_next_flag_change(
     assert router.app.ledger.ledger is not None
     assert await router.app.ledger.ledger.remove("globex")  # what `tenants rollback` does
     set_tenants(flag_file, ["globex"], "legacy")
-    await wait_for(lambda: router.app.decider.decide("globex").target == "legacy")
+    await wait_for(lambda: router.app.decider.decide("globex").side == "legacy")
     status, headers, body = await get(client, f"{router.url}/", "globex")
     assert (status, body["side"]) == (200, "legacy")
     assert headers["X-Routed-To"] == "legacy; reason=flag"

@@ -83,17 +83,17 @@ async def test_a_lagging_event_loop_sheds_until_it_recovers(
     )
     await router.app.start()  # the lag monitor (the fixture starts flags and ledger only)
     await asyncio.sleep(0.25)
-    assert not router.app.lagging
+    assert not router.app.state.lagging
     time.sleep(0.6)  # noqa: ASYNC251 -- blocking the router's loop is the point
     await asyncio.sleep(0.01)  # the monitor's timer fires 0.5 s late
-    assert router.app.lagging
+    assert router.app.state.lagging
     async with client.get(f"{router.url}/x", headers={"X-Tenant-Id": "acme"}) as response:
         assert response.status == 503
         assert (await response.json())["error"] == "overloaded"
     assert sample(router, "router_shed_requests_total", reason="loop_lag") == 1
     assert sample(router, "router_event_loop_lag_seconds") > 0.2
     await asyncio.sleep(0.35)  # a few on-time ticks
-    assert not router.app.lagging
+    assert not router.app.state.lagging
     async with client.get(f"{router.url}/x", headers={"X-Tenant-Id": "acme"}) as response:
         assert response.status == 200
 

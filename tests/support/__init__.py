@@ -7,5 +7,6 @@ tier) and in a tier's own conftest.py; this package holds plain functions and cl
 - procs: real subprocesses (demo backends, `router serve`, the CLI), stopped by pid.
 - redis_server: a real redis-server for the session.
 - metric_names: the one list of metric names the router exports.
+- contract_doc: the tables of docs/contracts.md.
 - flag_files, signing, deploy_files: what two test modules of different tiers both read.
 """

@@ -7,8 +7,11 @@ with a message that names the key and the problem.
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -20,7 +23,10 @@ from typing import Any
 import pytest
 import yaml
 
+import router
+from router.cli import main as cli_main
 from router.control.flagfile import new_flag, read_flag_file, set_tenants, tenant_variation
+from router.service.native import build_state
 from tests.support.paths import REPO
 from tests.support.procs import ROUTER_SCRIPT, Procs, child_env, run_router
 
@@ -328,8 +334,82 @@ def procs() -> Iterator[Procs]:
 
 
 def test_python_dash_m_router_serves(procs: Procs, config: Path) -> None:
-    """`python -m router serve` (DESIGN.md) reaches the same code as the console script."""
+    """`python -m router serve` (docs/contracts.md) reaches the same code as the console script."""
     router = procs.router(config)
     assert router.admin("/healthz").json() == {"status": "ok"}
     assert router.proc.argv[:3] == [sys.executable, "-m", "router"]
     assert os.path.samefile(Path(f"/proc/{router.pid}/cwd").resolve(), REPO)
+
+
+# ---- what the CLI says about itself ------------------------------------------------------
+
+COMMANDS = (
+    "serve",
+    "check-config",
+    "explain",
+    "flags",
+    "shadow",
+    "cutover",
+    "migrate",
+    "tenants",
+    "sign",
+)
+
+
+def test_version_prints_the_version_and_the_build() -> None:
+    result = run_router("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"router {router.__version__} ({build_state().describe})\n"
+    # One version: the package's metadata (pyproject.toml) and router.__version__ agree.
+    assert importlib.metadata.version("router") == router.__version__
+
+
+def test_help_says_what_each_command_does() -> None:
+    result = run_router("--help")
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    for command in COMMANDS:
+        line = re.search(rf"^    {re.escape(command)}\s+(\S.*)$", text, re.M)
+        assert line is not None, f"{command}: no help line"
+    assert "--version" in text
+    assert "Exit status: 0 done, 1 the command failed, 2 bad usage or configuration" in text
+    # What it does, not how the code is laid out.
+    for design_word in ("module", "argv", "register"):
+        assert design_word not in text
+
+
+def test_every_command_group_is_registered() -> None:
+    parser = cli_main.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert tuple(sub.choices) == COMMANDS
+
+
+def test_a_missing_command_module_is_an_error_not_a_missing_command(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(
+        cli_main, "COMMAND_MODULES", (*cli_main.COMMAND_MODULES, "router.cli.missing")
+    )
+    with pytest.raises(ModuleNotFoundError, match=r"router\.cli\.missing"):
+        cli_main.build_parser()
+
+
+def test_check_config_names_deprecated_keys_it_still_reads(tmp_path: Path, flag_file: Path) -> None:
+    tree = config_tree()
+    tree["tenant"] = {"default_target": "new"}
+    tree["routing"] = {"pinned_paths": [{"pattern": "/hooks/**", "target": "legacy"}]}
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    result = run_router("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "deprecated key, still read: tenant.default_target (now tenant.default_side)" in (
+        result.stdout
+    )
+    assert "routing.pinned_paths[0].target (now routing.pinned_paths[0].side)" in result.stdout
+
+    tree["tenant"] = {"default_side": "new"}
+    tree["routing"] = {"pinned_paths": [{"pattern": "/hooks/**", "side": "legacy"}]}
+    path.write_text(yaml.safe_dump(tree))
+    result = run_router("check-config", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "deprecated" not in result.stdout

@@ -4,8 +4,8 @@ backends answer with their side, and the CLI runs as a subprocess, as an SRE run
 The core test keeps a steady stream of requests for the tenant going through both routers
 while the cutover runs, and checks the property the cutover exists for: every request is
 answered, each by exactly one side, every legacy answer completes before the flag says
-new, and nothing reaches new before that (DESIGN.md: "During a cutover a tenant's writes
-must never land on both sides").
+new, and nothing reaches new before that (docs/design.md, "Hold and cutover": during a
+cutover a tenant's writes never land on both sides).
 """
 
 from __future__ import annotations

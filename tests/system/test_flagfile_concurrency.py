@@ -8,10 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from router.control.flagfile import (
-    VARIATIONS,
-    read_flag_file,
-)
+from router.control.flagfile import read_flag_file
+from router.domain import FLAG_VALUES
 from tests.support.flag_files import routing_flag, targets_of
 from tests.support.paths import REPO
 from tests.support.waiting import wait_until
@@ -35,7 +33,7 @@ def test_concurrent_writers_lose_no_update(flag_path: Path, tmp_path: Path) -> N
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = []
     for w in range(8):
-        argv = [str(flag_path), str(tmp_path / f"ready{w}"), str(go), str(w), VARIATIONS[w % 3]]
+        argv = [str(flag_path), str(tmp_path / f"ready{w}"), str(go), str(w), FLAG_VALUES[w % 3]]
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-c", WORKER, *argv],
@@ -61,5 +59,5 @@ def test_concurrent_writers_lose_no_update(flag_path: Path, tmp_path: Path) -> N
     targets = targets_of(flag_path)
     for w in range(8):
         for i in range(25):
-            assert f"w{w}-t{i:02d}" in targets[VARIATIONS[w % 3]]
+            assert f"w{w}-t{i:02d}" in targets[FLAG_VALUES[w % 3]]
     assert sum(len(tenants) for tenants in targets.values()) == 200

@@ -1,7 +1,7 @@
 """Deployment and monitoring files against the router they deploy and watch.
 
 - config/ecs/task-definition.json: keys of the real RegisterTaskDefinition API, Fargate
-  sizing, environment names from DESIGN.md's contract, secrets from Secrets Manager, the
+  sizing, environment names from docs/contracts.md, secrets from Secrets Manager, the
   health check, stopTimeout against the drain, ports against the config the task actually
   runs;
 - config/prometheus/: the scrape target, the alerts' fields, every metric name;
@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from router.settings import ServerSettings, Settings, load_settings
+from tests.support.contract_doc import env_contract
 from tests.support.deploy_files import (
     ALERTS,
     DASHBOARD,
@@ -46,7 +47,6 @@ from tests.support.metric_names import (
 )
 from tests.support.paths import REPO
 from tests.unit.test_packaging import (
-    _design_env_contract,
     compose_mounts,
     dockerfile_stages,
     image_file_source,
@@ -432,14 +432,14 @@ def test_task_definition_image_is_an_ecr_placeholder(container: dict[str, Any]) 
 
 
 def test_task_environment_is_the_design_contract(container: dict[str, Any]) -> None:
-    contract = _design_env_contract()
+    contract = env_contract()
     env = _task_env(container)
     secrets = {secret["name"]: secret["valueFrom"] for secret in container["secrets"]}
     assert len(env) == len(container["environment"]), "an environment variable is set twice"
     assert len(secrets) == len(container["secrets"]), "a secret is set twice"
     assert not set(env) & set(secrets), "set both in plain text and as a secret"
     unknown = (set(env) | set(secrets)) - contract
-    assert not unknown, f"not in DESIGN.md's env contract: {sorted(unknown)}"
+    assert not unknown, f"not in docs/contracts.md's environment variables: {sorted(unknown)}"
     # Every contract variable is set, except the flag file (this task uses LaunchDarkly).
     missing = contract - set(env) - set(secrets) - {"ROUTER_FLAGS_FILE"}
     assert not missing, f"the task definition does not set {sorted(missing)}"
@@ -455,7 +455,7 @@ def test_task_settings_are_valid_for_a_fleet(
     container: dict[str, Any], task_settings: Settings
 ) -> None:
     assert task_settings.flags.source == "launchdarkly"
-    # Every task must refuse the same rollbacks: the ledger is shared (DESIGN.md).
+    # Every task must refuse the same rollbacks: the ledger is shared (docs/deployment.md).
     assert urlsplit(task_settings.ledger).scheme in ("redis", "rediss")
     assert task_settings.server.debug_headers is False, "no X-Routed-To for customers"
     if container.get("readonlyRootFilesystem"):

@@ -21,7 +21,6 @@ from ldclient.integrations import Files
 from ldclient.interfaces import FlagChange
 
 from router.control.flagfile import (
-    VARIATIONS,
     FlagFileError,
     new_flag,
     read_flag_file,
@@ -29,6 +28,7 @@ from router.control.flagfile import (
     set_tenants,
     tenant_variation,
 )
+from router.domain import FLAG_VALUES
 from tests.support.flag_files import FLAG, routing_flag, targets_of, write_json
 from tests.support.paths import REPO
 from tests.support.waiting import poll
@@ -109,7 +109,7 @@ def test_round_trip(tmp_path: Path) -> None:
     assert path.read_text().startswith('{\n  "flags": {\n')  # pretty-printed for diffs
 
 
-@pytest.mark.parametrize(("first", "second"), list(itertools.permutations(VARIATIONS, 2)))
+@pytest.mark.parametrize(("first", "second"), list(itertools.permutations(FLAG_VALUES, 2)))
 def test_moves_a_tenant_between_values(flag_path: Path, first: str, second: str) -> None:
     set_tenant(flag_path, "bystander", "hold")
     assert set_tenant(flag_path, "acme", first) == "legacy"
@@ -367,7 +367,7 @@ def test_mtime_always_moves_forward(flag_path: Path) -> None:
 
 
 def test_leaves_no_temp_files(flag_path: Path, tmp_path: Path) -> None:
-    for i, value in enumerate(VARIATIONS * 3):
+    for i, value in enumerate(FLAG_VALUES * 3):
         set_tenant(flag_path, f"t{i}", value)
     assert sorted(os.listdir(tmp_path)) == ["flags.json", "flags.json.lock"]
 
@@ -392,7 +392,7 @@ def test_a_reader_never_sees_a_partial_file(flag_path: Path) -> None:
     thread.start()
     try:
         for i in range(60):
-            set_tenant(flag_path, f"tenant-{i:05d}", VARIATIONS[i % 3])
+            set_tenant(flag_path, f"tenant-{i:05d}", FLAG_VALUES[i % 3])
     finally:
         stop.set()
         thread.join()
@@ -417,7 +417,7 @@ def test_tenant_variation_follows_sdk_order(flag_path: Path) -> None:
     flag["on"] = True
     flag["variations"] = ["legacy", "hold", "purple"]  # not a route: the router uses legacy
     assert tenant_variation(data, "acme") == "legacy"
-    flag["variations"] = list(VARIATIONS)
+    flag["variations"] = list(FLAG_VALUES)
 
     flag["rules"] = [{"id": "r", "clauses": [], "variation": 2}]
     assert tenant_variation(data, "acme") == "new"  # targets come before rules

@@ -1,5 +1,5 @@
 """Packaging consistency: Dockerfile, docker-compose.yml, Makefile and .ci/run against
-config/router.yaml and DESIGN.md's contracts (the demo backend on a real socket and the
+config/router.yaml and docs/contracts.md (the demo backend on a real socket and the
 wheel are in tests/system/test_packaging_build.py).
 
 There is no Docker engine here, so the Dockerfile and the compose file are checked by
@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from router.settings import Settings, load_settings
+from tests.support.contract_doc import env_contract
 from tests.support.paths import REPO
 
 CONFIG = "config/router.yaml"
@@ -147,20 +148,6 @@ def _readyz_port(text: str) -> int:
     m = re.search(r"http://(?:127\.0\.0\.1|localhost):(\d+)/readyz\b", text)
     assert m, f"no http://127.0.0.1:PORT/readyz in {text!r}"
     return int(m.group(1))
-
-
-def _design_env_contract() -> set[str]:
-    for candidate in (
-        REPO / "DESIGN.md",
-        REPO / "docs" / "DESIGN.md",
-        REPO.parent / "shared" / "DESIGN.md",
-    ):
-        if candidate.exists():
-            for line in candidate.read_text().splitlines():
-                if line.startswith("| env overrides"):
-                    return set(re.findall(r"`([A-Z][A-Z0-9_]+)`", line))
-            raise AssertionError(f"{candidate} has no 'env overrides' contract row")
-    pytest.skip("DESIGN.md not found (expected in shared/ beside the repo)")
 
 
 # --- Dockerfile --------------------------------------------------------------------------
@@ -303,8 +290,8 @@ def test_compose_env_vars_are_contract_names(compose: dict[str, Any]) -> None:
         for name in _env(service)
     }
     assert names, "the router service sets no environment"
-    unknown = names - _design_env_contract()
-    assert not unknown, f"not in DESIGN.md's env contract: {sorted(unknown)}"
+    unknown = names - env_contract()
+    assert not unknown, f"not in docs/contracts.md's environment variables: {sorted(unknown)}"
 
 
 def compose_mounts(service: dict[str, Any]) -> list[tuple[Path, str]]:

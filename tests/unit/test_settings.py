@@ -1,8 +1,8 @@
 """Settings: YAML file < environment variables, validated once, errors that name the key.
 
-Every environment variable of DESIGN.md's contract is checked against a YAML file that sets
-the same setting differently, so a variable that stopped overriding (or started applying
-to the wrong key) fails here rather than in an ECS task definition.
+Every environment variable of the contract (docs/contracts.md) is checked against a YAML
+file that sets the same setting differently, so a variable that stopped overriding (or
+started applying to the wrong key) fails here rather than in an ECS task definition.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from router.settings import (
     Settings,
     load_settings,
 )
+from tests.support.contract_doc import env_contract
 from tests.support.paths import REPO
 
 BASE: dict[str, Any] = {
@@ -111,20 +112,17 @@ def test_flag_source_env_vars_override_yaml(tmp_path: Path) -> None:
 
 
 def test_every_env_var_of_the_contract_is_tested() -> None:
-    """The cases above cover exactly DESIGN.md's table (a new variable needs a test)."""
-    candidates = [
-        REPO / "DESIGN.md",
-        REPO / "docs" / "DESIGN.md",
-        REPO.parent / "shared" / "DESIGN.md",
-    ]
-    design = next((p for p in candidates if p.exists()), None)
-    if design is None:
-        pytest.skip("DESIGN.md not found (expected in shared/ beside the repo)")
-    lines = design.read_text().splitlines()
-    row = next(line for line in lines if line.startswith("| env overrides"))
-    contract = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", row))
+    """The cases above cover exactly docs/contracts.md's table (a new variable needs a test)."""
     tested = {c[0] for c in ENV_CASES} | {"ROUTER_FLAGS_SOURCE", "LAUNCHDARKLY_SDK_KEY"}
-    assert contract == tested
+    assert env_contract() == tested
+
+
+def test_settings_read_exactly_the_contract_env_vars() -> None:
+    """Every variable the settings module reads is in docs/contracts.md, and every one there
+    is read: an override added in code but not documented fails here."""
+    source = (REPO / "router" / "settings.py").read_text(encoding="utf-8")
+    read = set(re.findall(r'"((?:ROUTER|LAUNCHDARKLY)_[A-Z0-9_]+)"', source))
+    assert read == env_contract()
 
 
 def test_env_only_without_a_file() -> None:
