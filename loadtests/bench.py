@@ -13,7 +13,8 @@ A B C D ... for several rounds so drift hits them all alike; medians, then ratio
   bare_proxy     the router's forwarding core alone (its front, upstream pool and relay)
                  with none of its per-request features: what those features cost
   aiohttp_alone  aiohttp's low-level web.Server answering the same bodies itself: the
-                 ceiling of an aiohttp front (the router's front is its own, front.py)
+                 ceiling of an aiohttp front (the router has its own:
+                 router/proxy/connection.py)
   nginx          nginx proxy_pass with an upstream keepalive pool, 1 worker
 Scenarios: small, 64k, post1m (wrk, or loadgen.py closed where wrk is missing), rate1000
 (open-loop generator, loadgen.py), stream (1 GiB each way through the router, RSS

@@ -250,7 +250,7 @@ class ServerSettings(_Frozen):
     # past it, 408 client_timeout (the upstream connection, holding half a request, is
     # dropped) rather than an upstream connection held for good by a stalled client.
     client_body_timeout: PositiveSeconds = 60.0
-    # Request-head limits (front.py): the request target's length (414 beyond), one
+    # Request-head limits (proxy/connection.py): the request target's length (414 beyond), one
     # field's name and value (431 beyond), the number of fields (431 beyond).
     max_request_line: int = Field(default=8190, ge=256)
     max_header_size: int = Field(default=8190, ge=256)

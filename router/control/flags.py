@@ -6,7 +6,7 @@ from those threads touches router state directly; every event is handed to the e
 with `call_soon_threadsafe`, so the loop owns the decision cache and readiness alone.
 
 Evaluation (`variation`) reads the SDK's in-memory store: no I/O, about 14 µs, safe to
-call on the loop, but too dear to call per request; routing.py caches its result per
+call on the loop, but too dear to call per request; decide.py caches its result per
 tenant and clears the cache on every change event for our flag.
 
 File source: the SDK's own file data source, with auto-update by polling the file's

@@ -4,8 +4,8 @@ Replication runs one way (legacy -> new). Once `new` has served a tenant, the te
 have written data that exists only on `new`; routing it back to legacy would hide those
 writes (and split its data between two sides). Before `new` serves a tenant for the first
 time, the router records it here and waits until the record is durable; a later `legacy`
-flag value for a ledgered tenant is refused (routing.py, reason `ratchet`). Only
-`router tenants rollback TENANT --accept-data-loss` (cli_tenants.py) removes an entry.
+flag value for a ledgered tenant is refused (router/proxy/decide.py, reason `ratchet`). Only
+`router tenants rollback TENANT --accept-data-loss` (router/cli/tenants.py) removes an entry.
 
     open_ledger("sqlite:///router-ledger.db")         # one router (or its workers)
     open_ledger("sqlite:////var/lib/router/ledger.db")   # absolute path: four slashes

@@ -2,7 +2,7 @@
 
 Why not aiohttp's server: per request it builds a request object, a header multidict of
 decoded strings, a stream reader, a payload and a response writer, and it costs more CPU
-than the whole rest of the router's work (loadtests/README.md: aiohttp alone answering a
+than the whole rest of the router's work (docs/benchmarks.md: aiohttp alone answering a
 fixed body costs ~19 us a request on the bench machine; the router's features ~11 us).
 This module parses with llhttp (httptools), as upstream.py does for the other side, and
 keeps per request only what the proxy reads: the raw fields, a case-insensitive lookup
