@@ -291,11 +291,12 @@ class ProxyHandler:
                 raise BadRequest("an identity field is named in Connection (hop-by-hop)")
         try:
             ctx.tenant, _source = identifier.identify(headers, ctx.host, ctx.path)
-        except UnknownKey as exc:
-            ctx.unknown_key = exc
+        # Distinct names: compiled, one `exc` would be typed by its first except clause.
+        except UnknownKey as unknown:
+            ctx.unknown_key = unknown
             return False
-        except TenantMismatch as exc:
-            self._tenant_mismatch(ctx, exc)
+        except TenantMismatch as mismatch:
+            self._tenant_mismatch(ctx, mismatch)
             raise
         except InvalidToken:
             self._metrics.invalid_tokens += 1
