@@ -16,7 +16,9 @@ A B C D ... for several rounds so drift hits them all alike; medians, then ratio
                  ceiling of an aiohttp front (the router has its own:
                  router/proxy/connection.py)
   nginx          nginx proxy_pass with an upstream keepalive pool, 1 worker
-Scenarios: small, 64k, post1m (wrk, or loadgen.py closed where wrk is missing), rate1000
+Scenarios: small, 64k, post1m (wrk, or loadgen.py closed where wrk is missing), jwt
+(two routers side by side: tenant from X-Tenant-Id vs from a JWT the router verifies,
+ES256, 1,000 tokens rotated, keys from a local HTTPS JWKS endpoint), rate1000
 (open-loop generator, loadgen.py), stream (1 GiB each way through the router, RSS
 sampled), idle10k (10,000 idle keep-alive connections, RSS), workers (--workers 1 vs 2).
 Method, scenarios and the latest figures: docs/benchmarks.md.
@@ -69,7 +71,7 @@ PEER = HERE / "peers" / "naive_aiohttp_proxy.py"
 PY = sys.executable
 HOST = "127.0.0.1"
 
-SCENARIOS = ("small", "64k", "post1m", "rate1000", "stream", "idle10k", "workers")
+SCENARIOS = ("small", "64k", "post1m", "jwt", "rate1000", "stream", "idle10k", "workers")
 THROUGHPUT_SCENARIOS = ("small", "64k", "post1m")
 CONTENDERS = ("direct", "router", "peer", "bare_proxy", "aiohttp_alone", "nginx")
 TENANT_COUNT = 1000
@@ -364,9 +366,11 @@ def write_router_config(
     flags_file: Path,
     workdir: Path,
     workers: int = 1,
+    tenant: dict[str, Any] | None = None,
 ) -> None:
     """Production settings (metrics, access log, header + jwt extractors, debug headers
-    off), both targets on the same upstream, and drain_delay 0 so SIGTERM is quick."""
+    off), both targets on the same upstream, and drain_delay 0 so SIGTERM is quick.
+    `tenant` replaces the tenant section (the jwt scenario's verifying router)."""
     upstream = {
         "url": upstream_url,
         "host_header": "preserve",
@@ -392,7 +396,9 @@ def write_router_config(
                 {"type": "jwt", "claim": "iss", "query_param": "jwt"},
             ],
             "default_side": "legacy",
-        },
+        }
+        if tenant is None
+        else tenant,
         "flags": {
             "source": "file",
             "file": str(flags_file),
@@ -540,7 +546,16 @@ end
 """
 
 
-def write_wrk_script(path: Path, tenants: list[str], method: str, url_path: str, body: int) -> None:
+def write_wrk_script(
+    path: Path,
+    tenants: list[str],
+    method: str,
+    url_path: str,
+    body: int,
+    header: str = TENANT_HEADER,
+) -> None:
+    """`tenants` are the header's values, rotated per request (for the jwt scenario:
+    `Bearer <token>` values of the Authorization header)."""
     listed = tenants[:POST_TENANTS] if body else tenants
     path.write_text(
         LUA_TEMPLATE.format(
@@ -548,9 +563,68 @@ def write_wrk_script(path: Path, tenants: list[str], method: str, url_path: str,
             method=method,
             path=url_path,
             body_size=body,
-            header=TENANT_HEADER,
+            header=header,
         )
     )
+
+
+JWT_ISSUER = "https://bench-idp.test"
+JWT_AUDIENCE = "tenant-router"
+
+
+@contextlib.contextmanager
+def jwks_server(workdir: Path, jwk: dict[str, Any]) -> Iterator[tuple[str, Path]]:
+    """A local HTTPS JWKS endpoint (trustme certificate) in a thread of this process; it
+    is fetched once at the router's start (and every refresh_interval), never per request.
+    Yields (jwks_url, ca_file)."""
+    import http.server
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    ca_file = workdir / "jwks-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(context)
+    document = json.dumps({"keys": [jwk]}).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(document)))
+            self.end_headers()
+            self.wfile.write(document)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((HOST, 0), Handler)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"https://localhost:{server.server_address[1]}/jwks.json", ca_file
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def signed_tokens(tenants: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """An ES256 key's public JWK and one token per tenant (claim `tenant`), valid 2 h."""
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from jwt.algorithms import ECAlgorithm
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = {**ECAlgorithm.to_jwk(key.public_key(), as_dict=True), "kid": "bench", "use": "sig"}
+    now = int(time.time())
+    claims = {"iss": JWT_ISSUER, "aud": JWT_AUDIENCE, "iat": now, "exp": now + 7200}
+    tokens = [
+        jwt.encode({**claims, "tenant": t}, key, "ES256", headers={"kid": "bench"}) for t in tenants
+    ]
+    return jwk, tokens
 
 
 # --- load generators ---------------------------------------------------------------------
@@ -717,12 +791,18 @@ class Bench:
         return f"http://{HOST}:{self.upstream_port}"
 
     def start_router(
-        self, name: str, upstream_url: str, cores: str | None, workers: int = 1
+        self,
+        name: str,
+        upstream_url: str,
+        cores: str | None,
+        workers: int = 1,
+        tenant: dict[str, Any] | None = None,
+        probe: dict[str, str] | None = None,
     ) -> tuple[Target, int]:
         port, admin = free_port(self.ports), free_port(self.ports)
         config = self.workdir / f"{name}.yaml"
         write_router_config(
-            config, port, admin, upstream_url, self.flags_file, self.workdir, workers
+            config, port, admin, upstream_url, self.flags_file, self.workdir, workers, tenant
         )
         router_bin = Path(PY).parent / "router"
         argv = [str(router_bin)] if router_bin.exists() else [PY, "-m", "router"]
@@ -736,7 +816,9 @@ class Bench:
         )
         wait_http(f"http://{HOST}:{admin}/readyz", proc, timeout=30)
         # A request through it: the upstream answers, the tenant resolves.
-        status = http_get(f"http://{HOST}:{port}{PATH_SMALL}", {TENANT_HEADER: self.tenants[1]})
+        status = http_get(
+            f"http://{HOST}:{port}{PATH_SMALL}", probe or {TENANT_HEADER: self.tenants[1]}
+        )
         if status != 200:
             raise RuntimeError(f"{name}: a request through it answered {status}")
         return Target(name, port, [proc]), admin
@@ -827,6 +909,74 @@ class Bench:
             "runs": runs,
             "median": summary,
             "ratios": throughput_ratios(runs, summary, "router"),
+        }
+
+    def jwt(self) -> dict[str, Any]:
+        """The cost of verifying a JWT per request once tokens are cached: two routers on
+        core 1 in turn, same settings but the tenant section: `router_header` takes the
+        tenant from X-Tenant-Id (the small scenario's requests), `router_jwt` from an
+        ES256 JWT it verifies (jwt extractor with `verify`, min_trust credential), 1,000
+        tokens rotated per request (each token verified once, then cached)."""
+        log("\n[jwt] GET /small, tenant from X-Tenant-Id vs from a verified ES256 JWT "
+            f"(1,000 tokens); {self.args.rounds} rounds of {self.args.duration:g} s")  # fmt: skip
+        jwk, tokens = signed_tokens(self.tenants)
+        header_script = self.workdir / "wrk-jwt-header.lua"
+        write_wrk_script(header_script, self.tenants, "GET", PATH_SMALL, 0)
+        token_script = self.workdir / "wrk-jwt-token.lua"
+        write_wrk_script(
+            token_script, [f"Bearer {t}" for t in tokens], "GET", PATH_SMALL, 0, "Authorization"
+        )
+        with jwks_server(self.workdir, jwk) as (jwks_url, ca_file):
+            verifying = {
+                "extractors": [
+                    {"type": "header", "name": TENANT_HEADER},
+                    {
+                        "type": "jwt",
+                        "claim": "tenant",
+                        "verify": {
+                            "jwks_url": jwks_url,
+                            "ca_file": str(ca_file),
+                            "algorithms": ["ES256"],
+                            "issuer": JWT_ISSUER,
+                            "audience": JWT_AUDIENCE,
+                        },
+                    },
+                ],
+                "min_trust": "credential",
+                "default_side": "legacy",
+            }
+            header_router, _ = self.start_router("router_header", self.upstream_url, self.pin("1"))
+            jwt_router, _ = self.start_router(
+                "router_jwt", self.upstream_url, self.pin("1"), tenant=verifying,
+                probe={"Authorization": f"Bearer {tokens[1]}"},
+            )  # fmt: skip
+            targets = {"router_header": (header_router, header_script),
+                       "router_jwt": (jwt_router, token_script)}  # fmt: skip
+            for target, script in targets.values():  # warm-up (fills the token cache)
+                self.run_wrk(target, script, max(self.args.warmup, 2.0))
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+            for r in range(self.args.rounds):
+                for name, (target, script) in targets.items():
+                    check_alive(target)
+                    result = self.run_wrk(target, script, self.args.duration)
+                    runs[name].append(result)
+                    log(
+                        f"  round {r + 1}/{self.args.rounds} {name:<14} {result['rps']:>9,.0f}"
+                        f" req/s  p99 {result['p99_ms']:7.2f} ms"
+                        f"  cpu {fmt_pct(result['cpu_percent'])}" + errors_note(result)
+                    )
+            for target, _ in targets.values():
+                for proc in target.procs:
+                    self.processes.stop(proc)
+        summary = {name: summarize_wrk(rs) for name, rs in runs.items()}
+        return {
+            "description": "GET /small: tenant from X-Tenant-Id (router_header) vs from a "
+            "verified ES256 JWT, 1,000 tokens rotated (router_jwt)",
+            "rounds": self.args.rounds,
+            "duration_s": self.args.duration,
+            "runs": runs,
+            "median": summary,
+            "ratios": throughput_ratios(runs, summary, "router_jwt"),
         }
 
     def rate1000(self, targets: dict[str, Target]) -> dict[str, Any]:
@@ -1262,6 +1412,16 @@ def checks(results: dict[str, Any]) -> list[Check]:
             None if alone is None else alone >= 0.8,
         )
     )
+    jwt_ratio = results.get("jwt", {}).get("ratios", {}).get("router_jwt/router_header")
+    verified = jwt_ratio["of_medians"] if jwt_ratio else None
+    out.append(
+        Check(
+            "jwt: verified-JWT router >= 0.9x header router",
+            verified,
+            ">= 0.9",
+            None if verified is None else verified >= 0.9,
+        )
+    )
     delta = results.get("rate1000", {}).get("p99_delta_ms")
     out.append(
         Check(
@@ -1329,7 +1489,7 @@ def report(results: dict[str, Any]) -> str:
         f"router: {meta['router_build']}; {meta['router_setup']}",
         "=" * 100,
     ]
-    for scenario in THROUGHPUT_SCENARIOS:
+    for scenario in (*THROUGHPUT_SCENARIOS, "jwt"):
         data = results.get(scenario)
         if not data:
             continue
@@ -1561,6 +1721,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         bench.results["meta"]["flag_file"] = split
         bench.tenants_file = workdir / "tenants.txt"
         bench.tenants_file.write_text("\n".join(bench.tenants) + "\n")
+        if "jwt" in args.only and args.generator != "wrk":
+            log("  !! jwt needs wrk (its Lua script rotates the tokens): skipped")
+            args.only = [s for s in args.only if s != "jwt"]
         need_upstream = set(args.only) - {"stream"}
         if need_upstream:
             bench.start_upstream()
@@ -1576,6 +1739,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for scenario in args.only:
             if scenario in THROUGHPUT_SCENARIOS:
                 steps.append((scenario, functools.partial(bench.throughput, scenario, targets)))
+            elif scenario == "jwt":
+                steps.append((scenario, bench.jwt))
             elif scenario == "rate1000":
                 steps.append((scenario, functools.partial(bench.rate1000, targets)))
             elif scenario == "stream":

@@ -6,7 +6,10 @@ an SRE can grep, graph and alert on it. Codes are a contract (docs/contracts.md)
 
     RouterError(code, status, source, retryable)
     ├── ClientError                 source=downstream: the request itself is at fault
-    │   ├── bad_request             400  malformed request, or one we refuse to forward
+    │   ├── bad_request             400  malformed request, or one we refuse to forward (a
+    │   │                                tenant field named in the request's Connection header)
+    │   ├── tenant_mismatch         400  two identity sources name different tenants
+    │   ├── invalid_token           401  a JWT the router verifies (or an alg-none JWT) failed
     │   ├── method_not_allowed      405  CONNECT: this is not a forward proxy
     │   ├── client_timeout          408  the request head, or the next piece of its body,
     │   │                                did not arrive in time (server.header_timeout,
@@ -68,6 +71,26 @@ class ClientError(RouterError):
 class BadRequest(ClientError):
     code = "bad_request"
     status = 400
+
+
+class TenantMismatch(ClientError):
+    """Two identity sources (header, JWT, host, path) name different tenants: the request
+    is refused rather than routed by either (identify.py), and never forwarded."""
+
+    code = "tenant_mismatch"
+    status = 400
+
+    def __init__(self, sources: str) -> None:
+        super().__init__(f"identity sources disagree on the tenant ({sources})")
+        self.sources = sources  # the metric label: the two sources, e.g. "header+jwt"
+
+
+class InvalidToken(ClientError):
+    """A JWT that a verifying jwt extractor rejected (signature, key, alg, exp/nbf, iss,
+    aud), or one with alg `none` whatever the mode: never forwarded."""
+
+    code = "invalid_token"
+    status = 401
 
 
 class MethodNotAllowed(ClientError):

@@ -71,9 +71,19 @@ def _split_host_port(value: str) -> tuple[str, int]:
     return (host.strip("[]") or "0.0.0.0"), int(port)
 
 
+# How far an identity source is trusted (docs/design.md, "Identity"): `client` is a value
+# any client can write (a header, the path, the Host); `edge` a field a trusted hop (the
+# ALB, an edge proxy) sets and overwrites whatever the client sent; `credential` a JWT
+# claim that the backend verifies too (and the router as well when `verify` is set).
+Trust = Literal["client", "edge", "credential"]
+TRUST_RANK: Final[dict[str, int]] = {"client": 0, "edge": 1, "credential": 2}
+
+
 class HeaderExtractor(_Frozen):
     type: Literal["header"]
     name: str = "X-Tenant-Id"
+    # `edge` only if a hop in front of the router always sets (overwrites) this header.
+    trust: Literal["client", "edge"] = "client"
 
     @field_validator("name")
     @classmethod
@@ -83,17 +93,60 @@ class HeaderExtractor(_Frozen):
         return v
 
 
+JwtAlgorithm = Literal["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"]
+
+
+def _default_algorithms() -> list[JwtAlgorithm]:
+    return ["RS256", "ES256", "EdDSA"]
+
+
+class JwtVerifySettings(_Frozen):
+    """Signature and claim checks for a jwt extractor (control/jwks.py fetches the keys).
+
+    Only asymmetric algorithms: an HMAC secret shared with the router is a secret the
+    router would leak in a compromise, and `none` is never accepted (not even decode-only).
+    """
+
+    # The JWKS document (https only: the keys decide who is which tenant).
+    jwks_url: str
+    # CA bundle for the JWKS server's certificate (None: the system's trust store).
+    ca_file: str | None = None
+    algorithms: list[JwtAlgorithm] = Field(default_factory=_default_algorithms, min_length=1)
+    issuer: str | None = None  # required `iss` (None: not checked)
+    audience: str | None = None  # required in `aud` (None: not checked)
+    leeway: float = Field(default=30.0, ge=0, le=600)  # seconds of clock skew for exp/nbf
+    # Periodic refetch of the key set (rotation that adds a key before using it).
+    refresh_interval: PositiveSeconds = 300.0
+    # An unknown `kid` refetches at once, but no more often than this (a client sending
+    # made-up kids must not turn the router into a JWKS flooder).
+    min_refetch_interval: PositiveSeconds = 10.0
+    fetch_timeout: PositiveSeconds = 5.0
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _https(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError(f"jwks_url must be an https:// URL, got {v!r}")
+        return v
+
+
 class JwtExtractor(_Frozen):
-    """Tenant from a JWT claim; the token is decoded for routing only, never verified here."""
+    """Tenant from a JWT claim. Without `verify` the token is decoded for routing only (the
+    backend verifies it; the mismatch rule stops a forged claim from outvoting another
+    source); with `verify` the router checks it too and refuses a bad one (401)."""
 
     type: Literal["jwt"]
     claim: str = "iss"
     query_param: str = "jwt"
+    trust: Literal["credential", "client"] = "credential"
+    verify: JwtVerifySettings | None = None
 
 
 class HostExtractor(_Frozen):
     type: Literal["host"]
     pattern: str  # e.g. "{tenant}.example.com"
+    trust: Literal["client", "edge"] = "client"
 
     @field_validator("pattern")
     @classmethod
@@ -106,6 +159,7 @@ class HostExtractor(_Frozen):
 class PathExtractor(_Frozen):
     type: Literal["path"]
     pattern: str  # e.g. "/t/{tenant}/"
+    trust: Literal["client", "edge"] = "client"
 
     @field_validator("pattern")
     @classmethod
@@ -127,8 +181,15 @@ def _default_extractors() -> list[Extractor]:
 
 
 class TenantSettings(_Frozen):
-    # Ordered: the first extractor that finds a tenant wins.
+    # Every extractor runs; all that find a tenant must agree, else 400 tenant_mismatch.
     extractors: list[Extractor] = Field(default_factory=_default_extractors)
+    # The least trust a source needs to decide the side: a tenant found only by sources
+    # below it counts as no tenant (default side, pinned paths). Production sets
+    # `credential` (or `edge`): a client-written value never picks a backend.
+    min_trust: Trust = "client"
+    # Verified (or decoded) tokens remembered until they expire, so the hot path pays for
+    # a signature check once per token; bounded, oldest evicted first.
+    token_cache_size: int = Field(default=10_000, ge=0, le=1_000_000)
     # Where a request with no recognisable tenant goes (reason `no-tenant`). Its old name
     # `default_target` is still read (deprecated: "target" is the HTTP request target).
     default_side: Side = Field(
@@ -150,6 +211,17 @@ class TenantSettings(_Frozen):
                 "keep default_side"
             )
         return data
+
+    @model_validator(mode="after")
+    def _some_source_can_decide(self) -> TenantSettings:
+        # A min_trust no extractor reaches would route every request to default_side: a
+        # misconfiguration, never an intent.
+        need = TRUST_RANK[self.min_trust]
+        if self.extractors and not any(TRUST_RANK[e.trust] >= need for e in self.extractors):
+            raise ValueError(
+                f"min_trust is {self.min_trust!r} but no extractor is trusted that far"
+            )
+        return self
 
 
 class FlagSettings(_Frozen):
@@ -545,6 +617,12 @@ def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
         for upstream in upstreams.values():
             if isinstance(upstream, dict) and isinstance(upstream.get("ca_file"), str):
                 upstream["ca_file"] = str((base / upstream["ca_file"]).resolve())
+    tenant = tree.get("tenant")
+    extractors = tenant.get("extractors") if isinstance(tenant, dict) else None
+    for extractor in extractors if isinstance(extractors, list) else ():
+        verify = extractor.get("verify") if isinstance(extractor, dict) else None
+        if isinstance(verify, dict) and isinstance(verify.get("ca_file"), str):
+            verify["ca_file"] = str((base / verify["ca_file"]).resolve())
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -22,12 +22,15 @@ from typing import cast
 from router.control.flags import FlagSource
 from router.control.override import SIGNATURE_HEADER, TARGET_HEADER
 from router.errors import (
+    BadRequest,
     BodyTooLarge,
     HoldTimeout,
+    InvalidToken,
     MethodNotAllowed,
     NotReady,
     Overloaded,
     RouterError,
+    TenantMismatch,
     UpstreamError,
 )
 from router.proxy.accesslog import AccessLog
@@ -40,12 +43,13 @@ from router.proxy.connection import (
     local_reply,
 )
 from router.proxy.decide import Decider, LedgerView, Route, compile_path_patterns
-from router.proxy.identify import TenantIdentifier
+from router.proxy.identify import TenantIdentifier, UnknownKey
 from router.proxy.metrics import Metrics
 from router.proxy.relay import (
     Exchange,
     HeaderRules,
     build_request_head,
+    connection_tokens,
     encode_response_head,
     origin_form,
     valid_request_id,
@@ -109,6 +113,7 @@ class RequestContext:
         "start",
         "status",
         "tenant",
+        "unknown_key",
         "upstream_error",
         "upstream_start",
     )
@@ -125,6 +130,7 @@ class RequestContext:
         self.path = request.raw_path
         # identify, decide
         self.tenant: str | None = None
+        self.unknown_key: UnknownKey | None = None  # a token's kid to fetch keys for
         self.route: Route | None = None
         # The side for metrics and the access log: "none" until one is chosen, "hold"
         # while the tenant is held; the reason likewise "none" until the route is final.
@@ -167,6 +173,7 @@ class ProxyHandler:
         "_max_body",
         "_max_inflight",
         "_metrics",
+        "_mismatch_logged",
         "_pools",
         "_request_ids",
         "_rules",
@@ -219,6 +226,7 @@ class ProxyHandler:
             [(rule.pattern, rule.max_bytes) for rule in limits.body_limits]
         )
         self.active = 0  # requests being proxied now (overload protection)
+        self._mismatch_logged = 0.0  # when a tenant_mismatch was last logged (rate limit)
 
     # ---- the phases --------------------------------------------------------------------
 
@@ -231,7 +239,8 @@ class ProxyHandler:
         try:
             try:
                 self._admit(ctx)
-                self._identify(ctx)
+                if not self._identify(ctx):
+                    await self._identify_with_fresh_keys(ctx)
                 if not self._decide(ctx):
                     await self._wait_for_route(ctx)
                 upstream = await self._forward(ctx)
@@ -267,8 +276,55 @@ class ProxyHandler:
             ctx.request_target = request_target
             ctx.path = request_target.decode("latin-1")
 
-    def _identify(self, ctx: RequestContext) -> None:
-        ctx.tenant, _source = self._identifier.identify(ctx.request.headers, ctx.host, ctx.path)
+    def _identify(self, ctx: RequestContext) -> bool:
+        """The request's tenant (identify.py: every source must agree). False when a token
+        names a key id we do not know yet: _identify_with_fresh_keys fetches the keys."""
+        request = ctx.request
+        headers = request.headers
+        identifier = self._identifier
+        # A field named in Connection is hop-by-hop: the hop before us was told it is not
+        # end-to-end, so it is no identity. Refused rather than ignored: a client that
+        # tries it is probing (the usual Connection values name nothing: no tokens).
+        if "Connection" in headers:
+            named = connection_tokens(request.raw_headers)
+            if named and not named.isdisjoint(identifier.routing_fields):
+                raise BadRequest("an identity field is named in Connection (hop-by-hop)")
+        try:
+            ctx.tenant, _source = identifier.identify(headers, ctx.host, ctx.path)
+        # Distinct names: compiled, one `exc` would be typed by its first except clause.
+        except UnknownKey as unknown:
+            ctx.unknown_key = unknown
+            return False
+        except TenantMismatch as mismatch:
+            self._tenant_mismatch(ctx, mismatch)
+            raise
+        except InvalidToken:
+            self._metrics.invalid_tokens += 1
+            raise
+        return True
+
+    async def _identify_with_fresh_keys(self, ctx: RequestContext) -> None:
+        """A token's kid is not in its key set: refetch the JWKS (rate-limited: a made-up
+        kid costs at most one fetch per min_refetch_interval) and identify once more; a
+        kid still unknown is a token we cannot trust: 401."""
+        unknown = ctx.unknown_key
+        assert unknown is not None
+        await unknown.keys.refetch(unknown.kid)
+        if not self._identify(ctx):
+            self._metrics.invalid_tokens += 1
+            raise InvalidToken(f"unknown key id {unknown.kid!r}")
+
+    def _tenant_mismatch(self, ctx: RequestContext, exc: TenantMismatch) -> None:
+        """Count every refusal; log at most one a second (a client can send thousands)."""
+        self._metrics.tenant_mismatch(exc.sources)
+        now = time.perf_counter()
+        if now - self._mismatch_logged >= 1.0:
+            self._mismatch_logged = now
+            log.warning(
+                "identity sources disagree on the tenant: refused (tenant_mismatch)",
+                extra={"request_id": ctx.request_id, "sources": exc.sources,
+                       "client": ctx.client},
+            )  # fmt: skip
 
     def _decide(self, ctx: RequestContext) -> bool:
         """The request's route. False when it must wait for it: the tenant is held, or new

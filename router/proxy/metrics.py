@@ -80,6 +80,12 @@ FAMILIES: Final[dict[str, tuple[str, str, tuple[str, ...]]]] = {
     "router_override_rejections_total": (
         "counter", "X-Router-Target headers ignored, by reason (no valid signature).",
         ("reason",)),
+    "router_tenant_mismatch_total": (
+        "counter", "Requests refused 400 tenant_mismatch: identity sources named different "
+        "tenants, by the pair of sources (e.g. header+jwt).", ("sources",)),
+    "router_invalid_tokens_total": (
+        "counter", "Requests refused 401 invalid_token (a JWT failed verification, or alg "
+        "none).", ()),
     "router_shed_requests_total": (
         "counter", "Requests and connections refused by overload protection, by reason "
         "(connections, inflight, loop_lag).", ("reason",)),
@@ -152,6 +158,8 @@ class Metrics:
         self.ratchet_refusals = 0
         self.override_rejections: dict[str, int] = {}
         self.shed: dict[str, int] = {}
+        self.tenant_mismatches: dict[str, int] = {}
+        self.invalid_tokens = 0
         self.loop_lag = 0.0
         self.held: Callable[[], int] = lambda: 0
         # Read at scrape time (set by RouterApp): flag readiness and pool sizes.
@@ -183,6 +191,9 @@ class Metrics:
 
     def shed_one(self, reason: str) -> None:
         self.shed[reason] = self.shed.get(reason, 0) + 1
+
+    def tenant_mismatch(self, sources: str) -> None:
+        self.tenant_mismatches[sources] = self.tenant_mismatches.get(sources, 0) + 1
 
     def override_rejected(self, reason: str) -> None:
         rejections = self.override_rejections
@@ -264,6 +275,8 @@ class Metrics:
                 [[r], v] for r, v in self.override_rejections.items()
             ],
             "router_shed_requests_total": [[[r], v] for r, v in self.shed.items()],
+            "router_tenant_mismatch_total": [[[k], v] for k, v in self.tenant_mismatches.items()],
+            "router_invalid_tokens_total": [[[], self.invalid_tokens]],
             "router_shadow_requests_total": [[[], self.shadow_requests]],
             "router_shadow_comparisons_total": [[[r], v] for r, v in self.shadow_results.items()],
             "router_shadow_mismatches_total": [[[k], v] for k, v in self.shadow_mismatches.items()],

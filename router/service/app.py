@@ -18,7 +18,7 @@ from router.proxy.accesslog import AccessLog
 from router.proxy.connection import FrontServer
 from router.proxy.decide import Decider, LedgerView
 from router.proxy.handler import ProcessState, ProxyHandler, RequestIds
-from router.proxy.identify import TenantIdentifier
+from router.proxy.identify import TenantIdentifier, key_sets
 from router.proxy.metrics import Metrics
 from router.proxy.relay import HeaderRules
 from router.proxy.shadow import Shadower, ShadowPolicy, shadow_pools
@@ -41,7 +41,9 @@ class RouterApp:
         self.settings = settings
         self.loop = loop or asyncio.get_running_loop()
         self.metrics = Metrics()
-        self.identifier = TenantIdentifier(settings.tenant)
+        # The JWKS key sets of verifying jwt extractors (control/jwks.py), by URL.
+        self.jwks = key_sets(settings.tenant)
+        self.identifier = TenantIdentifier(settings.tenant, self.jwks)
         self.flags = FlagSource(settings.flags, self.loop)
         self.ledger = LedgerView(open_ledger(settings.ledger), self.loop)
         self.verifier = OverrideVerifier(settings.override_secret, settings.routing.override_window)
@@ -100,7 +102,13 @@ class RouterApp:
     async def start(self) -> None:
         if self._lag_monitor is None:
             self._lag_monitor = asyncio.ensure_future(self._watch_loop_lag())
+        self.start_jwks()
         await asyncio.gather(self.flags.start(), self._start_ledger())
+
+    def start_jwks(self) -> None:
+        """Fetch the JWKS key sets in the background (readiness waits for the first)."""
+        for keys in self.jwks.values():
+            keys.start()
 
     async def _watch_loop_lag(self) -> None:
         """How late a 100 ms timer fires: past limits.max_loop_lag the loop has accepted
@@ -147,6 +155,8 @@ class RouterApp:
         for pool in self.pools.values():
             await pool.close()
         await self.flags.close()
+        for keys in self.jwks.values():
+            await keys.close()
         with contextlib.suppress(Exception):
             await self.ledger.close()
         self.access_log.flush()
@@ -158,6 +168,10 @@ class RouterApp:
             "upstream_pools": all(not p._closing for p in self.pools.values()),
             "not_draining": not self.state.draining,
         }
+        if self.jwks:
+            # A verifying router without keys can only refuse credentialed requests
+            # (503 not_ready): not ready is the fail-closed answer until the first fetch.
+            checks["jwks_loaded"] = all(keys.loaded for keys in self.jwks.values())
         return {"ready": all(checks.values()), "checks": checks, "flag_source": self.flags.state}
 
     def tenant_state(self, tenant: str) -> dict[str, Any]:

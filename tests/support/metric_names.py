@@ -31,6 +31,8 @@ METRIC_KINDS: Final[dict[str, Kind]] = {
     "router_hold_timeouts_total": "counter",
     "router_ratchet_refusals_total": "counter",
     "router_override_rejections_total": "counter",  # reason (fixed set, override.py)
+    "router_tenant_mismatch_total": "counter",  # sources (a pair of extractor types)
+    "router_invalid_tokens_total": "counter",
     "router_shed_requests_total": "counter",  # reason (connections, inflight, loop_lag)
     "router_event_loop_lag_seconds": "gauge",
     "router_workers": "gauge",  # state (answered/missing): workers a scrape's figures cover

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 
+from router.errors import InvalidToken, TenantMismatch
 from router.proxy.identify import TenantIdentifier
-from router.settings import TenantSettings
+from router.settings import TRUST_RANK, TenantSettings
 
 
 def b64url(data: bytes) -> str:
@@ -156,11 +157,25 @@ def test_jwt_padding_optional_and_empty_signature() -> None:
     ident = identifier(JWT)
     payload = base64.urlsafe_b64encode(json.dumps({"iss": "acme1"}).encode()).decode()
     assert payload.endswith("=")  # make sure the padded case is really exercised
-    head = b64url(b'{"alg":"none"}')
+    head = b64url(b'{"alg":"HS256"}')
     bare = payload.rstrip("=")
     for token in (f"{head}.{bare}.sig", f"{head}.{bare}.", f"{head}.{payload}.sig"):
         headers = CIMultiDict({"Authorization": f"JWT {token}"})
         assert ident.identify(headers, None, "/") == ("acme1", "jwt")
+
+
+@pytest.mark.parametrize(
+    "header", [b'{"alg":"none"}', b'{"alg":"NoNe"}', b"{}", b'{"alg":1}', b"[]", b"not json"]
+)
+def test_an_unsigned_token_is_refused_even_decode_only(header: bytes) -> None:
+    ident = identifier(JWT)
+    token = f"{b64url(header)}.{b64url(json.dumps({'iss': 'acme'}).encode())}.sig"
+    for headers, path in (
+        (CIMultiDict({"Authorization": f"Bearer {token}"}), "/"),
+        (CIMultiDict(), f"/?jwt={token}"),
+    ):
+        with pytest.raises(InvalidToken):
+            ident.identify(headers, None, path)
 
 
 RAW_HEAD = b64url(b'{"alg":"HS256"}')
@@ -264,7 +279,7 @@ def test_random_json_payloads_never_raise() -> None:
     for _ in range(300):
         body = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 60)))
         for payload in (body, '{"iss": "acme", "x": ' + body + "}"):
-            token = f"{b64url(b'{}')}.{b64url(payload.encode())}.sig"
+            token = f"{RAW_HEAD}.{b64url(payload.encode())}.sig"
             result = ident.identify(CIMultiDict({"Authorization": f"JWT {token}"}), None, "/")
             assert result in (NO_TENANT, ("acme", "jwt"))
             hits += result != NO_TENANT
@@ -366,32 +381,108 @@ def test_path_pattern_regex_characters_are_literal() -> None:
 # --- ordering ---------------------------------------------------------------------------
 
 
-def test_header_beats_jwt() -> None:
-    ident = identifier(HEADER, JWT)
+def test_sources_that_agree_name_the_most_trusted_one() -> None:
+    for order in ((HEADER, JWT), (JWT, HEADER)):
+        ident = identifier(*order)
+        headers = CIMultiDict(
+            {"X-Tenant-Id": "acme", "Authorization": f"JWT {make_jwt({'iss': 'acme'})}"}
+        )
+        assert ident.identify(headers, None, "/") == ("acme", "jwt")
+
+
+@pytest.mark.parametrize("order", [(HEADER, JWT), (JWT, HEADER)])
+def test_header_and_jwt_that_disagree_are_a_mismatch_whatever_the_order(
+    order: tuple[dict[str, Any], ...],
+) -> None:
+    ident = identifier(*order)
     headers = CIMultiDict(
         {"X-Tenant-Id": "from-header", "Authorization": f"JWT {make_jwt({'iss': 'from-jwt'})}"}
     )
-    assert ident.identify(headers, None, "/") == ("from-header", "header")
+    with pytest.raises(TenantMismatch) as caught:
+        ident.identify(headers, None, "/")
+    assert caught.value.sources == "header+jwt"
+    assert caught.value.code == "tenant_mismatch" and caught.value.status == 400
 
 
-def test_jwt_beats_header_when_configured_first() -> None:
-    ident = identifier(JWT, HEADER)
-    headers = CIMultiDict(
-        {"X-Tenant-Id": "from-header", "Authorization": f"JWT {make_jwt({'iss': 'from-jwt'})}"}
-    )
-    assert ident.identify(headers, None, "/") == ("from-jwt", "jwt")
+def test_every_pair_of_disagreeing_sources_is_a_mismatch() -> None:
+    ident = identifier(*ALL)
+    jwt_auth = {"Authorization": f"Bearer {make_jwt({'iss': 'j'})}"}
+    cases = [
+        ({"X-Tenant-Id": "x", **jwt_auth}, None, "/", "header+jwt"),
+        ({"X-Tenant-Id": "x"}, "h.example.com", "/", "header+host"),
+        ({"X-Tenant-Id": "x"}, None, "/t/p/", "header+path"),
+        (jwt_auth, "h.example.com", "/", "host+jwt"),
+        (jwt_auth, None, "/t/p/", "jwt+path"),
+        ({}, "h.example.com", "/t/p/", "host+path"),
+    ]
+    for headers, host, path, sources in cases:
+        with pytest.raises(TenantMismatch) as caught:
+            ident.identify(CIMultiDict(headers), host, path)
+        assert caught.value.sources == sources
 
 
-def test_each_extractor_used_when_earlier_ones_find_nothing() -> None:
+def test_each_extractor_used_when_the_others_find_nothing() -> None:
     ident = identifier(*ALL)
     jwt_headers = CIMultiDict({"Authorization": f"Bearer {make_jwt({'iss': 'j'})}"})
-    host = "h.example.com"
-    path = "/t/p/x"
-    assert ident.identify(hdrs(X_Tenant_Id="x"), host, path) == ("x", "header")
-    assert ident.identify(jwt_headers, host, path) == ("j", "jwt")
-    assert ident.identify(CIMultiDict(), host, path) == ("h", "host")
-    assert ident.identify(CIMultiDict(), "other.org", path) == ("p", "path")
+    assert ident.identify(hdrs(X_Tenant_Id="x"), "other.org", "/x") == ("x", "header")
+    assert ident.identify(jwt_headers, "other.org", "/x") == ("j", "jwt")
+    assert ident.identify(CIMultiDict(), "h.example.com", "/x") == ("h", "host")
+    assert ident.identify(CIMultiDict(), "other.org", "/t/p/x") == ("p", "path")
     assert ident.identify(CIMultiDict(), "other.org", "/x") == NO_TENANT
+
+
+def test_min_trust_credential_ignores_client_sources_but_still_checks_them() -> None:
+    settings = TenantSettings.model_validate(
+        {"extractors": [HEADER, JWT, HOST, PATH], "min_trust": "credential"}
+    )
+    ident = TenantIdentifier(settings)
+    token = f"Bearer {make_jwt({'iss': 'acme'})}"
+    assert ident.identify(hdrs(X_Tenant_Id="acme"), "acme.example.com", "/t/acme/") == NO_TENANT
+    assert ident.identify(CIMultiDict({"Authorization": token}), None, "/") == ("acme", "jwt")
+    headers = CIMultiDict({"Authorization": token, "X-Tenant-Id": "acme"})
+    assert ident.identify(headers, None, "/t/acme/") == ("acme", "jwt")
+    with pytest.raises(TenantMismatch):
+        ident.identify(CIMultiDict({"Authorization": token}), None, "/t/globex/")
+
+
+def test_an_edge_header_decides_under_min_trust_edge() -> None:
+    settings = TenantSettings.model_validate(
+        {"extractors": [{"type": "header", "trust": "edge"}, PATH], "min_trust": "edge"}
+    )
+    ident = TenantIdentifier(settings)
+    assert ident.identify(hdrs(X_Tenant_Id="acme"), None, "/") == ("acme", "header")
+    assert ident.identify(CIMultiDict(), None, "/t/acme/") == NO_TENANT
+
+
+def test_a_min_trust_no_extractor_reaches_is_a_config_error() -> None:
+    with pytest.raises(ValueError, match="min_trust"):
+        TenantSettings.model_validate({"extractors": [HEADER, PATH], "min_trust": "edge"})
+
+
+def test_routing_fields_name_the_tenant_headers_and_authorization() -> None:
+    ident = identifier(HEADER, {"type": "header", "name": "X-Edge-Tenant"}, PATH)
+    assert ident.routing_fields == frozenset({b"x-tenant-id", b"x-edge-tenant"})
+    assert identifier(JWT).routing_fields == frozenset({b"authorization"})
+
+
+def test_production_config_lets_no_client_value_decide() -> None:
+    """config/ecs/router.yaml: a client's X-Tenant-Id alone is no tenant; the JWT is."""
+    import yaml
+
+    from tests.support.paths import REPO
+
+    tree = yaml.safe_load((REPO / "config/ecs/router.yaml").read_text())
+    settings = TenantSettings.model_validate(tree["tenant"])
+    ident = TenantIdentifier(settings)
+    assert settings.min_trust in ("edge", "credential")
+    for spec in settings.extractors:
+        if spec.type in ("host", "path") or (spec.type == "header" and spec.trust == "client"):
+            assert TRUST_RANK[spec.trust] < TRUST_RANK[settings.min_trust]
+    assert ident.identify(hdrs(X_Tenant_Id="globex"), None, "/") == NO_TENANT
+    token = f"JWT {make_jwt({'iss': 'acme'})}"
+    assert ident.identify(CIMultiDict({"Authorization": token}), None, "/") == ("acme", "jwt")
+    with pytest.raises(TenantMismatch):
+        ident.identify(CIMultiDict({"Authorization": token, "X-Tenant-Id": "globex"}), None, "/")
 
 
 def test_default_settings_are_header_then_jwt() -> None:
@@ -426,12 +517,12 @@ def test_no_extractors_means_no_tenant() -> None:
         "x" * 129,
     ],
 )
-def test_invalid_header_tenant_falls_through_to_next_extractor(bad: str) -> None:
+def test_invalid_header_tenant_counts_as_not_found(bad: str) -> None:
     ident = identifier(HEADER, JWT, PATH)
     headers = CIMultiDict({"X-Tenant-Id": bad})
     assert ident.identify(headers, None, "/t/fallback") == ("fallback", "path")
-    headers["Authorization"] = f"JWT {make_jwt({'iss': 'jwt-tenant'})}"
-    assert ident.identify(headers, None, "/t/fallback") == ("jwt-tenant", "jwt")
+    headers["Authorization"] = f"JWT {make_jwt({'iss': 'fallback'})}"
+    assert ident.identify(headers, None, "/t/fallback") == ("fallback", "jwt")
 
 
 @pytest.mark.parametrize(
