@@ -31,7 +31,12 @@ from pydantic import (
     model_validator,
 )
 
-from router.domain import DEFAULT_TENANT_ID_MAX_LENGTH, TENANT_ID_MAX_LENGTH_LIMIT, Side
+from router.domain import (
+    DEFAULT_TENANT_ID_MAX_LENGTH,
+    TENANT_ID_MAX_LENGTH_LIMIT,
+    Side,
+    tenant_id_problem,
+)
 
 PositiveSeconds = Annotated[float, Field(gt=0)]
 
@@ -46,6 +51,15 @@ def _absolute(pattern: str) -> str:
 # shadow exclusions.
 PathPattern = Annotated[str, AfterValidator(_absolute)]
 
+
+# redact_query_params' default: parameter names (substrings, lower case) whose values
+# are credentials in the usual APIs: jwt, token (access_token, id_token, refresh_token),
+# OAuth's code and assertion, sig (signature, X-Amz-Signature), key (api_key, apikey),
+# secret (client_secret), password / passwd / pwd, auth, session, credential, otp.
+DEFAULT_REDACT_QUERY_PARAMS: Final = (
+    "jwt", "token", "code", "assertion", "sig", "key", "secret", "password", "passwd", "pwd",
+    "auth", "session", "credential", "otp",
+)  # fmt: skip
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
@@ -385,6 +399,21 @@ class RoutingSettings(_Frozen):
     # A signed X-Router-Target is honoured for this long after its timestamp (and as long
     # before it, for clock skew between the test runner and the router).
     override_window: PositiveSeconds = 300.0
+    # The tenants a signed override may name (test tenants). null: any tenant (the secret
+    # alone decides); a list: an override for any other tenant, or for a request without
+    # a tenant, is ignored and counted (reason tenant_not_allowed), and the request goes
+    # where the flag says. Production sets it: a leaked secret then cannot move customers.
+    override_tenants: list[str] | None = None
+
+    @field_validator("override_tenants")
+    @classmethod
+    def _override_tenant_ids(cls, v: list[str] | None) -> list[str] | None:
+        # A misspelt id would silently allow nothing for it: refuse it at start-up.
+        for tenant in v or ():
+            problem = tenant_id_problem(tenant, TENANT_ID_MAX_LENGTH_LIMIT)
+            if problem is not None:
+                raise ValueError(problem)
+        return v
 
 
 class BodyLimit(_Frozen):
@@ -527,7 +556,17 @@ class Settings(_Frozen):
     # (a fleet: every instance must see the same ledger).
     ledger: str = "sqlite:///router-ledger.db"
     admin_token: str | None = None
+    # Signed overrides: the current secret (`router sign` signs with it) and, while it is
+    # being rotated, the previous one, still accepted (docs/operations.md).
     override_secret: str | None = None
+    override_secret_previous: str | None = None
+    # Query parameters whose values never reach a log line or an admin view (the access
+    # log, shadow mismatches): a name matches when, lower-cased and percent-decoded, it
+    # contains one of these (so `token` covers access_token, id_token, ...). "*": every
+    # value. Values without a name are always redacted (docs/contracts.md).
+    redact_query_params: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_REDACT_QUERY_PARAMS), min_length=1
+    )
 
     @field_validator("ledger")
     @classmethod
@@ -545,6 +584,29 @@ class Settings(_Frozen):
         else:
             raise ValueError(f"expected sqlite:///path or redis://host:port/db, got {v!r}")
         return v
+
+    @field_validator("redact_query_params")
+    @classmethod
+    def _redact_words(cls, v: list[str]) -> list[str]:
+        words = [w.strip().lower() for w in v]
+        if any(not w for w in words):
+            raise ValueError(
+                'names must not be empty (an empty one would match everything: say "*" for that)'
+            )
+        return words
+
+    @model_validator(mode="after")
+    def _previous_secret_needs_a_current_one(self) -> Settings:
+        # Only the previous secret set is a half-done rotation: fail at start-up rather
+        # than accept signatures made with the secret being retired and none other.
+        if self.override_secret_previous and not self.override_secret:
+            raise ValueError(
+                "override_secret_previous (ROUTER_OVERRIDE_SECRET_PREVIOUS) is set without "
+                "override_secret (ROUTER_OVERRIDE_SECRET): set the current secret"
+            )
+        if self.override_secret_previous and self.override_secret_previous == self.override_secret:
+            raise ValueError("override_secret_previous is the same as override_secret")
+        return self
 
     @model_validator(mode="after")
     def _flag_source_complete(self) -> Settings:
@@ -574,6 +636,7 @@ _ENV: dict[str, tuple[tuple[str, ...], Any]] = {
     "ROUTER_LEDGER": (("ledger",), str),
     "ROUTER_ADMIN_TOKEN": (("admin_token",), str),
     "ROUTER_OVERRIDE_SECRET": (("override_secret",), str),
+    "ROUTER_OVERRIDE_SECRET_PREVIOUS": (("override_secret_previous",), str),
 }
 
 

@@ -55,6 +55,8 @@ from router.cli.common import (
     with_config,
 )
 from router.control.cutover import MISMATCH_KINDS, Routers, ShadowTotals, ShadowView, format_rate
+from router.proxy.accesslog import QueryRedactor
+from router.settings import DEFAULT_REDACT_QUERY_PARAMS
 
 DEFAULT_ADMIN_PORT = 8081
 DEFAULT_LIMIT = 50
@@ -119,6 +121,8 @@ def _add_admin(p: argparse.ArgumentParser) -> None:
 
 # ---- router shadow report ---------------------------------------------------------------
 
+_REDACTOR = QueryRedactor(DEFAULT_REDACT_QUERY_PARAMS)
+
 
 def cmd_report(args: argparse.Namespace) -> int:
     tenant, admins, token = _prepare(args)
@@ -133,6 +137,12 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"router shadow report: no router answered; no report for {tenant}", file=err)
         return EXIT_FAILED
     totals = ShadowTotals.merge(tenant, views, args.limit)
+    # The routers redact the paths they keep already; this covers a router of an older
+    # version (or one configured to redact less): a report is pasted into tickets.
+    for entry in totals.recent:
+        path = entry.get("path")
+        if isinstance(path, str):
+            entry["path"] = _REDACTOR.redact(path)
     if args.json:
         print(json.dumps(totals.to_json(), indent=2), file=out)
     else:

@@ -3,9 +3,12 @@
     router sign TENANT legacy|new [--secret-env NAME] [--format headers|curl|json]
                 [--config F]
 
-The secret is read from the environment only (`ROUTER_OVERRIDE_SECRET`, or the variable
-named by --secret-env), never from an argument: an argument lands in shell history and in
-`ps` for every user of the machine. The signature is valid for the router's
+The secret is read from the environment only (`ROUTER_OVERRIDE_SECRET`, the current
+secret, or the variable named by --secret-env), never from an argument. During a rotation
+the routers also accept `ROUTER_OVERRIDE_SECRET_PREVIOUS`, but signing always uses the
+current one, so signatures stay valid once the rotation ends (docs/operations.md). Never
+from an argument: an argument lands in shell history and in `ps` for every user of the
+machine. The signature is valid for the router's
 `routing.override_window` (default 300 s) around now; see router/control/override.py for the
 format, to produce it from a test suite directly. TENANT must be an id the routers route:
 the config's `tenant.max_length` (--config, ROUTER_CONFIG or config/router.yaml) bounds it.

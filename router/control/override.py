@@ -16,6 +16,17 @@ Threat model
   (`ROUTER_OVERRIDE_SECRET`) can. Without a configured secret every override is ignored.
 - The tenant is part of the MAC, so a signature made for a test tenant cannot move a real
   tenant's requests (nor can a signature made for "no tenant" be reused for one).
+- Overrides are a test tool: with `routing.override_tenants` set, only the tenants it lists
+  can be overridden. A valid signature for any other tenant (or for a request without a
+  tenant) is refused like a bad one (`tenant_not_allowed`): whoever holds the secret still
+  cannot move a customer's requests. The request is routed as if no override was sent.
+- An override never skips hold (decide.py): a held tenant's request waits like any other,
+  and the override is checked again once the hold ends.
+- Two secrets can be valid at once, so the secret can be rotated without a window in which
+  valid signatures are refused: `ROUTER_OVERRIDE_SECRET` (current: `router sign` signs
+  with it) and `ROUTER_OVERRIDE_SECRET_PREVIOUS` (accepted until removed). The current key
+  is tried first; the previous one costs a second MAC only for a signature the current
+  one refused (docs/operations.md, "Rotating the override secret").
 - The side is part of the MAC, so a signature for `legacy` cannot be turned into `new`.
 - The timestamp is part of the MAC and must be within `routing.override_window` seconds
   (default 300) of the router's clock, in either direction (clock skew between the test
@@ -61,7 +72,7 @@ import hashlib
 import hmac
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Final
 
 from router.domain import SIDES, TENANT_ID_MAX_LENGTH_LIMIT
@@ -86,8 +97,21 @@ TARGET_HEADER: Final = "X-Router-Target"
 #   malformed   not `t=<digits>,v1=<64 lowercase hex>`, or oversized (signature or tenant)
 #   expired     the timestamp is more than the window away from now, past or future
 #   bad_mac     well-formed and in time, but the MAC does not match (wrong secret, or made
-#               for another tenant, side or timestamp)
-REJECTION_REASONS: Final = ("disabled", "bad_target", "missing", "malformed", "expired", "bad_mac")
+#               for another tenant, side or timestamp): checked with the current secret,
+#               then the previous one (rotation)
+#   tenant_not_allowed
+#               a valid signature, for a tenant routing.override_tenants does not list (or
+#               for a request without a tenant, when the list is set): the secret is
+#               being used on a real tenant
+REJECTION_REASONS: Final = (
+    "disabled",
+    "bad_target",
+    "missing",
+    "malformed",
+    "expired",
+    "bad_mac",
+    "tenant_not_allowed",
+)
 
 # Strict and ASCII-only ([0-9], not \d, which matches other scripts' digits): one
 # canonical spelling per signature, so an implementation in any language agrees on it.
@@ -129,41 +153,68 @@ def signed_headers(secret: str, side: str, tenant: str, now: float | None = None
     }
 
 
+class _Key:
+    """One secret, prepared once: HMAC's inner and outer padded keys (RFC 2104) hashed, so
+    each verification copies the two SHA-256 states and hashes only the message."""
+
+    __slots__ = ("inner", "outer")
+
+    def __init__(self, secret: str) -> None:
+        key = secret.encode()
+        if len(key) > _BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_BLOCK, b"\0")
+        self.inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self.outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+    def matches(self, message: bytes, mac_hex: str) -> bool:
+        digest = self.inner.copy()
+        digest.update(message)
+        outer = self.outer.copy()
+        outer.update(digest.digest())
+        return hmac.compare_digest(outer.hexdigest(), mac_hex)
+
+
 class OverrideVerifier:
     """Checks `X-Router-Target` / `X-Router-Signature` for one request: `verify` returns the
     forced side or None, and never raises.
 
-    The key is prepared once: HMAC's inner and outer padded keys (RFC 2104) are hashed
-    here, and each call copies the two SHA-256 states and hashes only the message, about
-    half the cost of `hmac.new` per call. `sign` uses the standard library's `hmac`, and
-    the tests check both against each other and against independent vectors.
+    Each key is prepared once (_Key): about half the cost of `hmac.new` per call. `sign`
+    uses the standard library's `hmac`, and the tests check both against each other and
+    against independent vectors.
+
+    `secret` is the current secret, `previous` the one being rotated out (accepted too;
+    ignored without a current one). `tenants`: the tenants an override may name (None:
+    any; an empty collection: none).
     """
 
     __slots__ = (
         "_clock",
-        "_inner",
+        "_keys",
         "_last_reason",
         "_last_side",
         "_last_signature",
         "_last_tenant",
-        "_outer",
+        "_tenants",
         "_window",
     )
 
     def __init__(
-        self, secret: str | None, window: float, clock: Callable[[], float] = time.time
+        self,
+        secret: str | None,
+        window: float,
+        clock: Callable[[], float] = time.time,
+        *,
+        previous: str | None = None,
+        tenants: Collection[str] | None = None,
     ) -> None:
         self._window = float(window)
         self._clock = clock
-        self._inner: hashlib._Hash | None = None
-        self._outer: hashlib._Hash | None = None
+        # Current first: a signature made with it (the usual case) costs one MAC.
+        self._keys: tuple[_Key, ...] = ()
         if secret:
-            key = secret.encode()
-            if len(key) > _BLOCK:
-                key = hashlib.sha256(key).digest()
-            key = key.ljust(_BLOCK, b"\0")
-            self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
-            self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+            self._keys = (_Key(secret),) if not previous else (_Key(secret), _Key(previous))
+        self._tenants = frozenset(tenants) if tenants is not None else None
         # The last refusal, so `rejection_reason` right after `verify` neither computes
         # the MAC again nor disagrees with it (the clock moves between the two calls).
         self._last_side: str | None = None
@@ -174,11 +225,12 @@ class OverrideVerifier:
     @property
     def enabled(self) -> bool:
         """False without a secret: every override is ignored."""
-        return self._inner is not None
+        return bool(self._keys)
 
     def verify(self, side: str | None, signature: str | None, tenant: str | None) -> str | None:
         """`"legacy"` or `"new"` when `signature` is valid for `side` and `tenant` now,
-        else None. `tenant` None means a request without a tenant (signed as "")."""
+        and the tenant may be overridden; else None. `tenant` None means a request without
+        a tenant (signed as "")."""
         result = self._check(side, signature, tenant)
         if result in SIDES:
             return result
@@ -205,8 +257,8 @@ class OverrideVerifier:
     def _check(self, side: str | None, signature: str | None, tenant: str | None) -> str:
         """The side ("legacy" / "new") or a rejection reason (never one of those two):
         one pass, shared by `verify` and `rejection_reason`."""
-        inner = self._inner
-        if inner is None or self._outer is None:
+        keys = self._keys
+        if not keys:
             return "disabled"
         if side not in SIDES:
             return "bad_target"
@@ -226,10 +278,13 @@ class OverrideVerifier:
             message = _message(side, tenant, stamp)
         except UnicodeEncodeError:  # a lone surrogate: no signer could have produced it
             return "malformed"
-        digest = inner.copy()
-        digest.update(message)
-        outer = self._outer.copy()
-        outer.update(digest.digest())
-        if not hmac.compare_digest(outer.hexdigest(), parsed[2]):
+        mac = parsed[2]
+        if not any(key.matches(message, mac) for key in keys):
             return "bad_mac"
+        # After the MAC, not before: `tenant_not_allowed` then means "someone holding the
+        # secret signed for a real tenant", a signal worth a warning, never muddied by
+        # customers sending X-Router-Target on their own.
+        allowed = self._tenants
+        if allowed is not None and (not tenant or tenant not in allowed):
+            return "tenant_not_allowed"
         return side

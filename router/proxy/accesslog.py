@@ -2,8 +2,10 @@
 
 The line holds what an SRE needs to follow one request across the router and a backend
 (request id, tenant, side, reason, status, sizes, times, error code) and nothing secret:
-no headers at all (so no Authorization, no cookies) and the path without its query string
-(so no `jwt` parameter).
+no headers at all (so no Authorization, no cookies), and the path with its query string
+redacted (QueryRedactor): every parameter name is kept, the values of sensitive ones
+(`redact_query_params`: jwt, token, ...) become `REDACTED`. The same redactor cleans the
+paths of shadow mismatches (their log line, /admin/shadow, `router shadow report`).
 
 Lines are buffered and written in one syscall per batch (at most 50 ms late): a write per
 request would cost more than the rest of the record phase.
@@ -15,10 +17,13 @@ import asyncio
 import json
 import logging
 import random
+import re
 import sys
 import time
+from collections.abc import Sequence
 from json.encoder import encode_basestring_ascii
 from typing import IO, Any, Final
+from urllib.parse import unquote_plus
 
 _escape: Final = encode_basestring_ascii
 _FLUSH_DELAY: Final = 0.05
@@ -94,6 +99,68 @@ def _escape_cached(value: str | None) -> str:
     return result
 
 
+REDACTED: Final = "REDACTED"
+# `&` and `;`: some backends' frameworks split the query on either, so a value after a `;`
+# is a parameter to them and must be judged as one here; and `?`: a second one (`?a=1?jwt=`)
+# is part of a value to most parsers, but a careless client's token may follow it.
+_QUERY_SEPARATORS: Final = re.compile(r"([&;?])")
+# A longer parameter name is not a name a client chose for its meaning: logged as REDACTED.
+_MAX_NAME: Final = 64
+
+
+class QueryRedactor:
+    """A path with its query's sensitive values replaced by `REDACTED`, for logs and admin
+    views. What the backend receives is never changed.
+
+    - `/a?page=2&jwt=eyJ...&Token=x` -> `/a?page=2&jwt=REDACTED&Token=REDACTED`: names are
+      kept (and how they were written), separators too;
+    - a name is sensitive when, percent-decoded and lower-cased, it contains one of
+      `words` (`%6Awt`, `access_token` and `X-Amz-Signature` all match); `"*"` in `words`
+      makes every value sensitive;
+    - fail closed: a segment without `=` (a bare value: `?eyJ...`), an empty name and a
+      name over 64 characters are replaced whole.
+
+    No state per call and no cache (nothing to grow); a path without `?` costs one find().
+    """
+
+    __slots__ = ("_every", "_words")
+
+    def __init__(self, words: Sequence[str]) -> None:
+        self._every = "*" in words
+        self._words: tuple[str, ...] = tuple(w.lower() for w in words if w != "*")
+
+    def redact(self, path: str) -> str:
+        qmark = path.find("?")
+        if qmark < 0:
+            return path
+        parts = _QUERY_SEPARATORS.split(path[qmark + 1 :])
+        # Segments at even indexes, separators at odd ones.
+        for index in range(0, len(parts), 2):
+            segment = parts[index]
+            if segment:
+                parts[index] = self._segment(segment)
+        return path[: qmark + 1] + "".join(parts)
+
+    def _segment(self, segment: str) -> str:
+        equals = segment.find("=")
+        if equals <= 0 or equals > _MAX_NAME:
+            return REDACTED  # no name, or not one: the whole segment could be the secret
+        name = segment[:equals]
+        if self._every or self.sensitive(name):
+            return name + "=" + REDACTED
+        return segment
+
+    def sensitive(self, name: str) -> bool:
+        """Whether the values of parameter `name` (as written in the query) are redacted."""
+        if "%" in name or "+" in name:
+            name = unquote_plus(name)
+        name = name.lower()
+        for word in self._words:
+            if word in name:
+                return True
+        return self._every
+
+
 class AccessLog:
     def __init__(
         self,
@@ -101,8 +168,11 @@ class AccessLog:
         sample_rate: float = 1.0,
         stream: IO[bytes] | None = None,
         enabled: bool = True,
+        redactor: QueryRedactor | None = None,
     ) -> None:
         self.enabled = enabled
+        # None: the query is dropped whole (the fail-closed default for a bare AccessLog).
+        self._redactor = redactor
         self._loop = loop
         self._sample_rate = sample_rate
         self._stream = stream if stream is not None else sys.stdout.buffer
@@ -135,6 +205,10 @@ class AccessLog:
             and self._random() >= self._sample_rate
         ):
             return
+        qmark = path.find("?")
+        if qmark >= 0:  # only then is there work: most requests have no query
+            redactor = self._redactor
+            path = path[:qmark] if redactor is None else redactor.redact(path)
         buffer = self._buffer
         buffer.append(
             _format(time.time(), request_id, tenant, side, reason, method, path, status,

@@ -19,7 +19,10 @@ Reasons (docs/design.md, "Routing semantics"), in the order they are tried by `d
 
 A signed override to `new` does not enter the ledger (test traffic for test tenants must
 be able to go back and forth); an override to `legacy` for a ledgered tenant is refused
-like a flag would be.
+like a flag would be. An override never skips hold: while the tenant's flag says hold,
+the request gets the flag's hold route and waits like any other; once released it is
+decided again, override included (a cutover's hold exists so that no write lands on
+either side mid-move, test traffic included).
 """
 
 from __future__ import annotations
@@ -333,10 +336,25 @@ class Decider:
             return None
         side = verifier.verify(forced, signature, tenant)
         if side is None:
-            self.on_override_rejected(verifier.rejection_reason(forced, signature, tenant))
+            reason = verifier.rejection_reason(forced, signature, tenant)
+            self.on_override_rejected(reason)
+            if reason == "tenant_not_allowed":
+                # A valid signature for a tenant outside routing.override_tenants: the
+                # secret is in use on a real tenant. Only secret holders get here, so
+                # this cannot be used to flood the log.
+                log.warning(
+                    "signed override for a tenant outside routing.override_tenants ignored",
+                    extra={"tenant": tenant, "override_target": forced},
+                )
             return None
-        if side == "legacy" and tenant is not None and self._ledgered(tenant):
-            return ROUTES[("new", "ratchet")]
+        if tenant is not None:
+            # The flag's decision first (cached: a dict lookup): hold wins over any
+            # override, and the ratchet refuses an override back to legacy.
+            flagged = self.decide(tenant)
+            if flagged.side == "hold":
+                return flagged
+            if side == "legacy" and self._ledgered(tenant):
+                return ROUTES[("new", "ratchet")]
         return ROUTES[(side, "override")]  # type: ignore[index]
 
     def _ledgered(self, tenant: str) -> bool:

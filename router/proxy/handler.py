@@ -504,15 +504,13 @@ class ProxyHandler:
                 ctx.upstream_error,
             )  # fmt: skip
         if self._access_log.enabled:
-            path = ctx.path
-            qmark = path.find("?")
             self._access_log.record(
                 ctx.request_id,
                 tenant,
                 side,
                 ctx.reason,
                 ctx.method,
-                path if qmark < 0 else path[:qmark],
+                ctx.path,  # the access log redacts its query (accesslog.QueryRedactor)
                 ctx.status,
                 bytes_in,
                 bytes_out,

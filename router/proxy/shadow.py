@@ -44,11 +44,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 from router.errors import RouterError, UpstreamReset
+from router.proxy.accesslog import QueryRedactor
 from router.proxy.connection import Request
 from router.proxy.decide import compile_path_patterns
 from router.proxy.relay import HeaderRules, build_request_head
 from router.proxy.upstream import UpstreamConnection, UpstreamPool, UpstreamResponse
-from router.settings import ShadowSettings
+from router.settings import DEFAULT_REDACT_QUERY_PARAMS, ShadowSettings
 
 if TYPE_CHECKING:
     from router.proxy.metrics import Metrics
@@ -501,8 +502,12 @@ class Shadower:
         rules: HeaderRules,
         metrics: Metrics,
         loop: asyncio.AbstractEventLoop,
+        redactor: QueryRedactor | None = None,
     ) -> None:
         self.settings = settings
+        # Mismatches keep the path with its query redacted: they reach a log line,
+        # /admin/shadow and `router shadow report` (accesslog.QueryRedactor).
+        self._redactor = redactor or QueryRedactor(DEFAULT_REDACT_QUERY_PARAMS)
         self.pools = pools
         self.new_pool = pools["new"]
         self.legacy_pool = pools.get("legacy")  # only with the noise filter (shadow_pools)
@@ -644,11 +649,12 @@ class Shadower:
         self, job: ShadowJob, stats: TenantShadowStats, legacy: Answer, new: Answer, now: float
     ) -> None:
         kinds: list[str] = []
+        path = self._redactor.redact(job.path)
         entry: dict[str, Any] = {
             "at": now,
             "tenant": job.tenant,
             "method": job.method,
-            "path": job.path,
+            "path": path,
             "request_id": job.request_id,
             "kinds": kinds,
             "status": {"legacy": legacy.status, "new": new.status},
@@ -699,7 +705,7 @@ class Shadower:
         stats.recent.append(entry)
         log.info(
             "shadow mismatch",
-            extra={"tenant": job.tenant, "path": job.path, "request_id": job.request_id,
+            extra={"tenant": job.tenant, "path": path, "request_id": job.request_id,
                    "kinds": ",".join(kinds)},
         )  # fmt: skip
 

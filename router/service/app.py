@@ -14,7 +14,7 @@ from router.control.flags import FlagSource
 from router.control.ledger import open_ledger
 from router.control.override import OverrideVerifier
 from router.domain import SIDES
-from router.proxy.accesslog import AccessLog
+from router.proxy.accesslog import AccessLog, QueryRedactor
 from router.proxy.connection import FrontServer
 from router.proxy.decide import Decider, LedgerView
 from router.proxy.handler import ProcessState, ProxyHandler, RequestIds
@@ -46,7 +46,14 @@ class RouterApp:
         self.identifier = TenantIdentifier(settings.tenant, self.jwks)
         self.flags = FlagSource(settings.flags, self.loop)
         self.ledger = LedgerView(open_ledger(settings.ledger), self.loop)
-        self.verifier = OverrideVerifier(settings.override_secret, settings.routing.override_window)
+        self.verifier = OverrideVerifier(
+            settings.override_secret,
+            settings.routing.override_window,
+            previous=settings.override_secret_previous,
+            tenants=settings.routing.override_tenants,
+        )
+        # Query values that never reach a log line or an admin view (accesslog.py).
+        self.redactor = QueryRedactor(settings.redact_query_params)
         shadow = settings.shadow
         self.shadow_policy: ShadowPolicy | None = None
         if shadow.enabled:
@@ -77,6 +84,7 @@ class RouterApp:
                 self.header_rules,
                 self.metrics,
                 self.loop,
+                self.redactor,
             )
             shadower = self.shadower
             self.metrics.shadow_pending = lambda: (shadower.active, shadower.queued)
@@ -84,6 +92,7 @@ class RouterApp:
             self.loop,
             settings.access_log.sample_rate,
             enabled=settings.access_log.enabled,
+            redactor=self.redactor,
         )
         self.request_ids = RequestIds()
         # Whether the loop lags (the request phases shed new requests) and whether this

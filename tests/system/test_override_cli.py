@@ -88,6 +88,20 @@ def test_cli_secret_env_name() -> None:
     assert result.returncode == 2
 
 
+def test_cli_signs_with_the_current_secret_during_a_rotation() -> None:
+    """With both secrets in the environment (a rotation), `router sign` uses the current
+    one: the signature verifies with it alone, not with the previous one alone."""
+    result = run_router(
+        "sign", "acme", "new",
+        env={"ROUTER_OVERRIDE_SECRET": SECRET, "ROUTER_OVERRIDE_SECRET_PREVIOUS": "old-one"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    headers = dict(ln.split(": ", 1) for ln in result.stdout.splitlines())
+    assert_fresh_and_valid(headers, "new", "acme")
+    previous_only = OverrideVerifier("old-one", WINDOW)
+    assert previous_only.verify("new", headers[SIGNATURE_HEADER], "acme") is None
+
+
 @pytest.mark.parametrize("secret", [None, ""])
 def test_cli_missing_secret(secret: str | None) -> None:
     result = sign_cli("acme", "new", secret=secret)

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import random
 import time
+from typing import Any
 
 import pytest
 
@@ -243,7 +244,70 @@ def test_rejection_reasons_are_a_fixed_set() -> None:
         "bad_mac",
         "disabled",
         "bad_target",
+        "tenant_not_allowed",
     }
+
+
+# ---- rotation: two secrets at once -------------------------------------------------------
+
+PREVIOUS = "the-previous-secret"
+
+
+def test_during_rotation_the_current_and_the_previous_secret_verify() -> None:
+    v = OverrideVerifier(SECRET, WINDOW, clock=Clock(), previous=PREVIOUS)
+    assert v.verify("new", sign(SECRET, "new", "acme", NOW), "acme") == "new"
+    assert v.verify("legacy", sign(PREVIOUS, "legacy", "acme", NOW), "acme") == "legacy"
+    assert refused(v, "new", sign("a-third-secret", "new", "acme", NOW), "acme") == "bad_mac"
+    # The previous secret's signatures are bound like the current one's.
+    assert refused(v, "new", sign(PREVIOUS, "new", "globex", NOW), "acme") == "bad_mac"
+
+
+def test_the_previous_secret_alone_enables_nothing() -> None:
+    v = OverrideVerifier(None, WINDOW, clock=Clock(), previous=PREVIOUS)
+    assert not v.enabled
+    assert refused(v, "new", sign(PREVIOUS, "new", "acme", NOW), "acme") == "disabled"
+
+
+def test_the_current_secret_is_tried_first() -> None:
+    """A signature made with the current secret costs one MAC, not two; the previous
+    secret is tried only for a signature the current one refused."""
+    v = OverrideVerifier(SECRET, WINDOW, clock=Clock(), previous=PREVIOUS)
+    calls: list[str] = []
+
+    class Counting:
+        def __init__(self, key: Any, name: str) -> None:
+            self.key, self.name = key, name
+
+        def matches(self, message: bytes, mac: str) -> bool:
+            calls.append(self.name)
+            return bool(self.key.matches(message, mac))
+
+    current, previous = v._keys
+    v._keys = (Counting(current, "current"), Counting(previous, "previous"))  # type: ignore[assignment]
+    assert v.verify("new", sign(SECRET, "new", "acme", NOW), "acme") == "new"
+    assert calls == ["current"]
+    calls.clear()
+    assert v.verify("new", sign(PREVIOUS, "new", "acme", NOW), "acme") == "new"
+    assert calls == ["current", "previous"]
+
+
+# ---- the allow-list ----------------------------------------------------------------------
+
+
+def test_with_an_allow_list_only_its_tenants_can_be_overridden() -> None:
+    v = OverrideVerifier(SECRET, WINDOW, clock=Clock(), tenants=["qa-1", "qa-2"])
+    assert v.verify("new", sign(SECRET, "new", "qa-1", NOW), "qa-1") == "new"
+    assert refused(v, "new", sign(SECRET, "new", "acme", NOW), "acme") == "tenant_not_allowed"
+    assert refused(v, "new", sign(SECRET, "new", "", NOW), None) == "tenant_not_allowed"
+    # Checked after the MAC: a bad signature for an unlisted tenant is a bad signature.
+    assert refused(v, "new", sign("wrong", "new", "acme", NOW), "acme") == "bad_mac"
+
+
+def test_an_empty_allow_list_allows_no_tenant_and_none_allows_any() -> None:
+    none = OverrideVerifier(SECRET, WINDOW, clock=Clock(), tenants=[])
+    assert refused(none, "new", sign(SECRET, "new", "qa-1", NOW), "qa-1") == "tenant_not_allowed"
+    anyone = OverrideVerifier(SECRET, WINDOW, clock=Clock(), tenants=None)
+    assert anyone.verify("new", sign(SECRET, "new", "acme", NOW), "acme") == "new"
 
 
 @pytest.mark.parametrize(

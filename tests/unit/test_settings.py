@@ -38,6 +38,7 @@ BASE: dict[str, Any] = {
     "ledger": "sqlite:///yaml-ledger.db",
     "admin_token": "yaml-admin-token",
     "override_secret": "yaml-override-secret",
+    "override_secret_previous": "yaml-previous-secret",
 }
 
 
@@ -72,6 +73,8 @@ ENV_CASES: list[tuple[str, str, Any, Any, Callable[[Settings], Any]]] = [
      lambda s: s.admin_token),
     ("ROUTER_OVERRIDE_SECRET", "env-override-secret", "yaml-override-secret",
      "env-override-secret", lambda s: s.override_secret),
+    ("ROUTER_OVERRIDE_SECRET_PREVIOUS", "env-previous-secret", "yaml-previous-secret",
+     "env-previous-secret", lambda s: s.override_secret_previous),
 ]  # fmt: skip
 
 
@@ -301,3 +304,34 @@ def test_the_shipped_config_loads_from_any_directory(
     assert settings.server.admin_addr == ("0.0.0.0", 8081)
     assert (settings.upstreams.legacy.port, settings.upstreams.new.port) == (9001, 9002)
     assert settings.ledger == "sqlite:///router-ledger.db"
+
+
+# ---- signed overrides and log redaction ------------------------------------------------
+
+
+def test_a_previous_override_secret_needs_a_current_one(tmp_path: Path) -> None:
+    tree = {k: v for k, v in BASE.items() if k != "override_secret"}
+    with pytest.raises(ConfigError, match="override_secret_previous"):
+        load_settings(write(tmp_path, tree), {})
+    with pytest.raises(ConfigError, match="the same as override_secret"):
+        load_settings(
+            write(tmp_path, {**BASE, "override_secret_previous": "yaml-override-secret"}), {}
+        )
+
+
+def test_override_tenants_are_valid_tenant_ids(tmp_path: Path) -> None:
+    routing = {"override_tenants": ["qa-1", "qa 2"]}
+    with pytest.raises(ConfigError, match="invalid tenant id 'qa 2'"):
+        load_settings(write(tmp_path, {**BASE, "routing": routing}), {})
+    ok = load_settings(write(tmp_path, {**BASE, "routing": {"override_tenants": ["qa-1"]}}), {})
+    assert ok.routing.override_tenants == ["qa-1"]
+    assert load_settings(write(tmp_path, BASE), {}).routing.override_tenants is None
+
+
+def test_redacted_query_params_default_and_validation(tmp_path: Path) -> None:
+    assert "jwt" in load_settings(write(tmp_path, BASE), {}).redact_query_params
+    custom = load_settings(write(tmp_path, {**BASE, "redact_query_params": ["JWT", "*"]}), {})
+    assert custom.redact_query_params == ["jwt", "*"]
+    for bad in ([], [""], [" "]):
+        with pytest.raises(ConfigError):
+            load_settings(write(tmp_path, {**BASE, "redact_query_params": bad}), {})
