@@ -439,7 +439,8 @@ class FrontConnection(asyncio.Protocol):
     own, independent of both: `closing` (no keep-alive after the current answer: learned
     in any state, from an EOF, an Upgrade, a refusal or the shutdown, and acted on when
     an answer ends), `_pipeline_paused` and `_body_paused` (two reasons to pause reading,
-    which can hold together), `_write_paused` (the transport's flow control), and
+    which can hold together; with the first, `_backlog` may hold bytes read but not yet
+    parsed, parsed before reading resumes), `_write_paused` (the transport's flow control), and
     `_feeding` (a read is being parsed: requests it completes wait, see WAITING)."""
 
     __slots__ = (
