@@ -349,6 +349,29 @@ class ServerSettings(_Frozen):
     # an entry the client wrote. 0: nothing in front (the peer is the client, and the
     # client's X-Forwarded-* are dropped); 2: e.g. CloudFront -> ALB -> router.
     trusted_hops: int = Field(default=1, ge=0, le=16)
+    # Whether the hop in front sets X-Forwarded-Proto / X-Forwarded-Host (replacing any a
+    # client sent): only then is the request's value kept; otherwise the router sets
+    # X-Forwarded-Proto from its own listener's scheme and X-Forwarded-Host from the Host
+    # it received, whatever the client wrote. An AWS ALB sets X-Forwarded-Proto (and -For)
+    # but never X-Forwarded-Host: behind one, trust proto, not host. Both need
+    # trusted_hops >= 1 (something in front to trust).
+    trust_forwarded_proto: bool = False
+    trust_forwarded_host: bool = False
+    # Pipelining: requests read and queued on one connection behind the one being served,
+    # and the bytes they hold (heads and bodies). At either bound the router stops reading
+    # the connection until its queue drains (TCP backpressure then reaches the client), so
+    # one connection cannot make the router parse and hold an unbounded pile of requests.
+    max_pipelined: int = Field(default=32, ge=1, le=1024)
+    max_pipelined_bytes: int = Field(default=256 * 1024, ge=4096)
+
+    @model_validator(mode="after")
+    def _trust_needs_a_hop(self) -> ServerSettings:
+        if (self.trust_forwarded_proto or self.trust_forwarded_host) and self.trusted_hops == 0:
+            raise ValueError(
+                "trust_forwarded_proto / trust_forwarded_host need trusted_hops >= 1: with "
+                "nothing trusted in front, every X-Forwarded-* field came from the client"
+            )
+        return self
 
     @field_validator("listen", "admin_listen")
     @classmethod

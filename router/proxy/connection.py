@@ -53,8 +53,13 @@ log = logging.getLogger("router.proxy.connection")
 # Request body bytes buffered per request before the client's socket is paused (reading
 # resumes once the handler has taken what is buffered).
 _BODY_HIGH_WATER: Final = 256 * 1024
-# Complete requests queued behind the one being handled (pipelining) before reading pauses.
-_MAX_PIPELINED: Final = 32
+# A read larger than this is parsed in slices of it, the queue's bounds checked between
+# slices (server.max_pipelined, max_pipelined_bytes): llhttp parses whatever it is given,
+# and one read (up to 256 KiB in uvloop) of tiny pipelined requests would otherwise queue
+# thousands of them at once. A slice completes at most ~4096 / 18 (the shortest request)
+# requests beyond the bound. The body of the request being answered, when its length is
+# known, is parsed in one piece, not sliced.
+_FEED_SLICE: Final = 4096
 # After an answer that did not need the rest of the request body: how long, and how many
 # bytes, the connection keeps reading and discarding it, so the client sees the answer
 # rather than a reset, before giving up and closing.
@@ -247,6 +252,7 @@ class Request:
         "keep_alive",
         "method",
         "peer",
+        "queued_size",
         "raw_headers",
         "raw_path",
         "target",
@@ -278,6 +284,9 @@ class Request:
         self.body_exists = chunked or bool(content_length)
         self.peer = writer.peer  # the client's address
         self.content: BodyStream | _EmptyBody = EMPTY_BODY
+        # Bytes it holds (target, fields, body so far) while queued behind another request
+        # (the connection's pipeline bound); -1 when not queued.
+        self.queued_size = -1
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -430,16 +439,19 @@ class FrontConnection(asyncio.Protocol):
     own, independent of both: `closing` (no keep-alive after the current answer: learned
     in any state, from an EOF, an Upgrade, a refusal or the shutdown, and acted on when
     an answer ends), `_pipeline_paused` and `_body_paused` (two reasons to pause reading,
-    which can hold together), `_write_paused` (the transport's flow control), and
+    which can hold together; with the first, `_backlog` may hold bytes read but not yet
+    parsed, parsed before reading resumes), `_write_paused` (the transport's flow control), and
     `_feeding` (a read is being parsed: requests it completes wait, see WAITING)."""
 
     __slots__ = (
+        "_backlog",
         "_body_paused",
         "_current",
         "_discarded",
         "_feeding",
         "_head_bytes",
         "_head_count",
+        "_head_size",
         "_head_timer",
         "_headers",
         "_idle_since",
@@ -453,6 +465,7 @@ class FrontConnection(asyncio.Protocol):
         "_parsing",
         "_pipeline",
         "_pipeline_paused",
+        "_queued_bytes",
         "_reading",
         "_server",
         "_state",
@@ -484,6 +497,7 @@ class FrontConnection(asyncio.Protocol):
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0  # raw bytes of the head being parsed (limits)
         self._head_count = 0
+        self._head_size = 0  # bytes of the head's target and fields (the pipeline's bound)
         self._state = IDLE
         self._reading = READING
         self._parsing: Request | None = None  # the request whose body is being parsed
@@ -494,6 +508,10 @@ class FrontConnection(asyncio.Protocol):
         self._feeding = False  # data_received is parsing a read (see WAITING)
         self._pipeline: collections.deque[Request | _Refused] = collections.deque()
         self._pipeline_paused = False
+        self._queued_bytes = 0  # what the queued requests hold (Request.queued_size)
+        # Bytes read but not parsed yet: the queue reached a bound mid-read. Parsed, in
+        # order, before reading resumes (_feed_backlog).
+        self._backlog = b""
         self._body_paused = False
         self._discarded = 0  # bytes dropped while LINGERING
         self._head_timer: asyncio.TimerHandle | None = None
@@ -570,7 +588,46 @@ class FrontConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._reading == NOT_READING:
             return
+        if self._backlog:  # not expected (reading is paused meanwhile): keep the order
+            self._backlog += data
+            return
         self._feeding = True
+        try:
+            if len(data) <= _FEED_SLICE:
+                self._feed(data)
+            else:
+                self._feed_sliced(data)
+        finally:
+            self._feeding = False
+            if self._state == WAITING:
+                self._become(SERVING)
+                self._resume()
+
+    def _feed_sliced(self, data: bytes) -> None:
+        """Parse a large read in slices, stopping once the queue reaches a bound: the rest
+        waits in _backlog, reading paused, until the queue drains (_next)."""
+        start = 0
+        end = len(data)
+        while start < end:
+            if self._pipeline_paused:
+                self._backlog = data[start:]
+                return
+            size = _FEED_SLICE
+            parsing = self._parsing
+            if parsing is not None and parsing.queued_size < 0:
+                # The body of the request being answered: not queued, so not bounded here
+                # (BodyStream's high-water mark pauses it); in one piece when its length
+                # is known.
+                content = parsing.content
+                length = parsing.content_length
+                if length is not None and isinstance(content, BodyStream):
+                    size = max(size, length - content.total)
+            if not self._feed(data[start : start + size] if start or size < end else data):
+                return
+            start += size
+
+    def _feed(self, data: bytes) -> bool:
+        """Parse `data`; False when nothing more is to be read (refused, or an Upgrade)."""
         try:
             self._parser_feed(data)
         except httptools.HttpParserUpgrade:
@@ -581,28 +638,39 @@ class FrontConnection(asyncio.Protocol):
             self.closing = True
             if self.transport is not None:
                 self.transport.pause_reading()
+            return False
         except httptools.HttpParserError as exc:
             cause = exc.__context__
             error = cause if isinstance(cause, ClientError) else _parse_error(exc)
             self._refuse(error)
-            return
-        finally:
-            self._feeding = False
-            if self._state == WAITING:
-                self._become(SERVING)
-                self._resume()
+            return False
         if self._reading == READING_HEAD:
             # llhttp holds an unfinished field line until its end, so a line that never
             # ends would grow without bound: count raw bytes of the head too.
             self._head_bytes += len(data)
             if self._head_bytes > self._server.max_head_bytes:
                 self._refuse(HeadersTooLarge("request header section too large"))
-                return
-            if self._head_timer is None and self._state == IDLE:
-                # Slow headers (slowloris): a complete head must follow in time.
+                return False
+            if self._head_timer is None:
+                # Slow headers (slowloris): a complete head must follow in time. Also for a
+                # head begun behind a request being answered (pipelining): its timeout is
+                # answered in turn (_head_too_slow).
                 self._head_timer = self.loop.call_later(
                     self._server.header_timeout, self._head_too_slow
                 )
+        pipeline = self._pipeline
+        if pipeline and not self._pipeline_paused:
+            server = self._server
+            if (
+                len(pipeline) >= server.max_pipelined
+                or self._queued_bytes >= server.max_pipelined_bytes
+            ):
+                # Enough queued: read no more until the queue drains (_next), so the
+                # client's sends meet TCP backpressure rather than the router's memory.
+                self._pipeline_paused = True
+                if self.transport is not None:
+                    self.transport.pause_reading()
+        return True
 
     # ---- httptools callbacks -----------------------------------------------------------
 
@@ -612,16 +680,20 @@ class FrontConnection(asyncio.Protocol):
         self._headers = []
         self._head_count = 0
         self._head_bytes = 0
+        self._head_size = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        self._head_size += len(url)
         if len(self._url) > self._server.max_target:
             raise UriTooLong("request line too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         server = self._server
-        if len(name) + len(value) + 2 > server.max_field_size:
+        size = len(name) + len(value) + 2
+        if size > server.max_field_size:
             raise HeadersTooLarge("request header field too large")
+        self._head_size += size
         self._head_count += 1
         if self._head_count > server.max_headers:
             raise HeadersTooLarge("too many request header fields")
@@ -689,6 +761,9 @@ class FrontConnection(asyncio.Protocol):
         content = request.content
         assert isinstance(content, BodyStream)
         content.feed_data(body)
+        if request.queued_size >= 0:  # the body of a queued request counts to its bound
+            request.queued_size += len(body)
+            self._queued_bytes += len(body)
 
     def on_message_complete(self) -> None:
         request = self._parsing
@@ -712,11 +787,43 @@ class FrontConnection(asyncio.Protocol):
         if self._state == IDLE and not self._pipeline:
             self._start(item)
             return
+        if isinstance(item, Request):
+            item.queued_size = self._head_size
+            self._queued_bytes += self._head_size
+        # The bounds are checked once the slice being parsed is done (_feed).
         self._pipeline.append(item)
-        if len(self._pipeline) >= _MAX_PIPELINED and not self._pipeline_paused:
-            self._pipeline_paused = True
-            if self.transport is not None:
-                self.transport.pause_reading()
+
+    def _dequeue(self) -> Request | _Refused:
+        item = self._pipeline.popleft()
+        if isinstance(item, Request) and item.queued_size >= 0:
+            self._queued_bytes -= item.queued_size
+            item.queued_size = -1
+        return item
+
+    def _drained(self) -> bool:
+        """Whether the queue is down to half its bounds (reading resumes)."""
+        server = self._server
+        return len(self._pipeline) <= server.max_pipelined // 2 and (
+            self._queued_bytes <= server.max_pipelined_bytes // 2 or not self._pipeline
+        )
+
+    def _feed_backlog(self) -> None:
+        """The queue drained: parse what was read before it paused, then read again (unless
+        the backlog filled the queue again)."""
+        if self.transport is None or not self._pipeline_paused or not self._drained():
+            return
+        self._pipeline_paused = False
+        data = self._backlog
+        self._backlog = b""
+        if data:
+            self.data_received(data)
+        if (
+            not self._pipeline_paused
+            and not self._body_paused
+            and self._reading != NOT_READING
+            and self.transport is not None
+        ):
+            self.transport.resume_reading()
 
     def _start(self, item: Request | _Refused) -> None:
         if isinstance(item, _Refused):
@@ -834,13 +941,19 @@ class FrontConnection(asyncio.Protocol):
         self._current = None
         self._become(IDLE)
         if self._pipeline:
-            if self._pipeline_paused and len(self._pipeline) <= _MAX_PIPELINED // 2:
-                self._pipeline_paused = False
-                # Two reasons to pause reading (a full pipeline, a body nobody reads yet):
-                # reading resumes when neither holds.
-                if self.transport is not None and not self._body_paused:
-                    self.transport.resume_reading()
-            self._start(self._pipeline.popleft())
+            item = self._dequeue()
+            if self._pipeline_paused and self._drained():
+                if self._backlog:
+                    # Parsed first, in order, before reading resumes; not from here, which
+                    # may run inside the parser (a LINGERING body's end).
+                    self.loop.call_soon(self._feed_backlog)
+                else:
+                    self._pipeline_paused = False
+                    # Two reasons to pause reading (a full pipeline, a body nobody reads
+                    # yet): reading resumes when neither holds.
+                    if self.transport is not None and not self._body_paused:
+                        self.transport.resume_reading()
+            self._start(item)
         else:
             self._arm_idle()
 
@@ -927,12 +1040,24 @@ class FrontConnection(asyncio.Protocol):
     def _head_too_slow(self) -> None:
         self._head_timer = None
         transport = self.transport
-        if self._reading != READING_HEAD or self._state != IDLE or transport is None:
+        if self._reading != READING_HEAD or transport is None:
             return
-        self._reading = NOT_READING
-        self._server.handler.refuse_connection(
-            transport, ClientTimeout("request head not received in time"), "header_timeout"
-        )
+        if self._pipeline_paused or self._body_paused:
+            # The router stopped reading, not the client: the rest of the head may be in
+            # the socket or the backlog. Timed again from now.
+            self._head_timer = self.loop.call_later(
+                self._server.header_timeout, self._head_too_slow
+            )
+            return
+        error = ClientTimeout("request head not received in time")
+        if self._state == IDLE and not self._pipeline:
+            self._reading = NOT_READING
+            self._server.handler.refuse_connection(transport, error, "header_timeout")
+            return
+        # Behind requests still being answered (pipelining): read no more; the 408 comes
+        # in turn after their answers, then the close. Without this, a complete request
+        # followed by a partial head kept the connection open for good.
+        self._refuse(error)
 
     def _refuse(self, error: ClientError) -> None:
         """The parser refused the request: answer it in turn, then close."""
@@ -955,6 +1080,8 @@ class FrontConnection(asyncio.Protocol):
                 self._become(IDLE)
             elif parsing in self._pipeline:
                 self._pipeline.remove(parsing)
+                self._queued_bytes -= max(parsing.queued_size, 0)
+                parsing.queued_size = -1
             else:
                 return  # its handler answers (the body read fails), then the close
         if self.transport is not None:
@@ -1007,6 +1134,8 @@ class FrontServer:
         keepalive_timeout: float,
         header_timeout: float,
         max_connections: int,
+        max_pipelined: int = 32,
+        max_pipelined_bytes: int = 256 * 1024,
     ) -> None:
         self.handler = handler
         self.loop = loop
@@ -1018,6 +1147,10 @@ class FrontServer:
         self.keepalive_timeout = keepalive_timeout
         self.header_timeout = header_timeout
         self.max_connections = max_connections
+        # A connection's queue of pipelined requests: past either, it is not read until
+        # the queue drains to half (server.max_pipelined, max_pipelined_bytes).
+        self.max_pipelined = max_pipelined
+        self.max_pipelined_bytes = max_pipelined_bytes
         self.connections: set[FrontConnection] = set()
         self.in_flight = 0  # requests being handled now
         self.idle_waiter: asyncio.Future[None] | None = None

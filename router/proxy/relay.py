@@ -19,6 +19,7 @@ Header rules (RFC 9110 7.6.1), both directions:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import re
 import time
 from collections.abc import Callable
@@ -97,11 +98,25 @@ _CONNECTION_VALUES: dict[bytes, frozenset[bytes]] = {}
 class HeaderRules:
     """What to drop from each direction; built once from the configuration."""
 
-    __slots__ = ("trusted_hops", "underscore_spellings")
+    __slots__ = ("trust_host", "trust_proto", "trusted_hops", "underscore_spellings")
 
-    def __init__(self, tenant_headers: tuple[str, ...], trusted_hops: int = 1) -> None:
-        # Proxies in front of us whose X-Forwarded-* we believe (server.trusted_hops).
+    def __init__(
+        self,
+        tenant_headers: tuple[str, ...],
+        trusted_hops: int = 1,
+        *,
+        trust_forwarded_proto: bool = False,
+        trust_forwarded_host: bool = False,
+    ) -> None:
+        # Proxies in front of us whose X-Forwarded-For entries we believe
+        # (server.trusted_hops).
         self.trusted_hops = trusted_hops
+        # Whether the hop in front sets X-Forwarded-Proto / -Host itself (server.
+        # trust_forwarded_*): a hop that appends to X-Forwarded-For does not necessarily
+        # set, or strip, the others (an ALB never touches X-Forwarded-Host), so trusting
+        # the hop is not trusting every field it passes on. Never without a trusted hop.
+        self.trust_proto = trust_forwarded_proto and trusted_hops > 0
+        self.trust_host = trust_forwarded_host and trusted_hops > 0
         owned = {n.decode() for n in _ROUTER_OWNED_REQUEST} | {h.lower() for h in tenant_headers}
         # `x_tenant_id`, `x-tenant_id`, ...: any spelling with an underscore that a backend
         # could normalise to a router-owned field. Compared after mapping '_' to '-'.
@@ -131,7 +146,9 @@ def build_request_head(
     and may be forged). The upstream gets those entries plus the peer, so its leftmost
     entry is never one a client made up; the client address returned (for the access log)
     is the one the outermost trusted hop saw, or the peer when there is none.
-    X-Forwarded-Proto and -Host are believed only with at least one trusted hop.
+    X-Forwarded-Proto and -Host are the client's only when the settings say the hop in
+    front sets them (rules.trust_proto / trust_host); otherwise the router's own: its
+    listener's scheme (plain HTTP: TLS ends in front of it) and the Host it received.
     """
     raw_headers = request.raw_headers
     connection_named = (
@@ -178,9 +195,12 @@ def build_request_head(
             parts.append(b"Content-Length: %d\r\n" % (request.content_length or 0))
     peer = client.encode("ascii", "replace")
     hops = rules.trusted_hops
-    if hops == 0:  # nobody in front of us: every X-Forwarded-* came from the client
+    if not rules.trust_proto:
+        forwarded_proto = b""
+    if not rules.trust_host:
+        forwarded_host = b""
+    if hops == 0:  # nobody in front of us: every X-Forwarded-For entry came from the client
         forwarded_for = peer
-        forwarded_proto = forwarded_host = b""
     elif forwarded_for:
         trusted = [e for e in (x.strip() for x in forwarded_for.split(b",")) if e][-hops:]
         if trusted:
@@ -491,15 +511,55 @@ class Exchange:
             pool.release(conn)
 
 
+# A Host field value (RFC 9110 7.2: uri-host [ ":" port ], RFC 3986 3.2.2): an IP literal
+# in brackets, or a reg-name (which also covers IPv4 addresses): unreserved, pct-encoded
+# and sub-delims characters only, so no userinfo ("@"), no spaces, slashes, "?", "#", "\\"
+# or bytes outside ASCII; then an optional port of digits. Empty is allowed (RFC 9112
+# 3.2: a target URI without an authority). IP literals are checked further below.
+_HOST: Final = re.compile(
+    r"(?:(\[[0-9A-Fa-f:.]{2,45}\])|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)"
+    r"(?::[0-9]{0,5})?"
+)
+# Host value -> valid?, for the values seen: most requests repeat a handful of hosts, so
+# the check is a dict lookup. Bounded, as values come from clients: past the bound, new
+# values are checked each time and not stored.
+_HOST_VALIDITY: dict[str, bool] = {}
+_HOST_CACHE_SIZE: Final = 4096
+
+
+def valid_host(host: str) -> bool:
+    """Whether `host` is a Host field value per RFC 9110 7.2 (see _HOST)."""
+    known = _HOST_VALIDITY.get(host)
+    if known is not None:
+        return known
+    match = _HOST.fullmatch(host)
+    valid = match is not None
+    if match is not None and match.group(1) is not None:
+        try:  # [IPv6]: the characters are right, the address must be too
+            ipaddress.IPv6Address(match.group(1)[1:-1])
+        except ValueError:
+            valid = False
+    if len(_HOST_VALIDITY) < _HOST_CACHE_SIZE:
+        _HOST_VALIDITY[host] = valid
+    return valid
+
+
 def origin_form(request: Request) -> tuple[bytes, str]:
     """The origin-form target and the effective Host of a request.
 
     An absolute-form target (`GET http://host/path`) is accepted as RFC 9112 3.2.2
     requires, but reduced to origin form: its authority only replaces Host (for tenant
     identification and X-Forwarded-Host), never the upstream, which is chosen from
-    configuration alone. This is not an open proxy.
+    configuration alone. This is not an open proxy. Userinfo in it is refused (RFC 9110
+    4.2.4: a sender must not generate it; a recipient should treat it as an error).
+
+    The Host field and an absolute-form authority must both be valid Hosts (valid_host):
+    400 bad_request otherwise (RFC 9112 3.2: "a Host header field with an invalid field
+    value"), before the tenant is identified by it or anything is forwarded.
     """
     host = request.headers.get("Host", "")
+    if host and not valid_host(host):
+        raise BadRequest("invalid Host field")
     if request.target[:1] == b"/":
         return request.target, host
     raw = request.raw_path
@@ -510,6 +570,19 @@ def origin_form(request: Request) -> tuple[bytes, str]:
             url = URL(raw, encoded=True)
         except ValueError:
             raise BadRequest(f"unsupported request target {raw[:100]!r}") from None
+        # Userinfo is looked for in the raw authority (up to the first "/", "?" or "#"),
+        # not in what the URL parser made of it: `http://@host/` has an empty one.
+        start = raw.index("://") + 3
+        end = len(raw)
+        for delimiter in "/?#":
+            found = raw.find(delimiter, start)
+            if found != -1 and found < end:
+                end = found
+        if "@" in raw[start:end]:
+            raise BadRequest("userinfo in the request target")
+        authority = url.raw_authority
         if url.raw_host:
-            return (url.raw_path_qs or "/").encode("latin-1"), url.raw_authority
+            if not valid_host(authority):
+                raise BadRequest("invalid authority in the request target")
+            return (url.raw_path_qs or "/").encode("latin-1"), authority
     raise BadRequest(f"unsupported request target {raw[:100]!r}")

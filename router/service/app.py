@@ -75,7 +75,13 @@ class RouterApp:
         tenant_headers = tuple(
             e.name for e in settings.tenant.extractors if isinstance(e, HeaderExtractor)
         )
-        self.header_rules = HeaderRules(tenant_headers, settings.server.trusted_hops)
+        server = settings.server
+        self.header_rules = HeaderRules(
+            tenant_headers,
+            server.trusted_hops,
+            trust_forwarded_proto=server.trust_forwarded_proto,
+            trust_forwarded_host=server.trust_forwarded_host,
+        )
         self.shadower: Shadower | None = None
         if shadow.enabled:
             self.shadower = Shadower(
@@ -226,4 +232,6 @@ class RouterApp:
             keepalive_timeout=s.keepalive_timeout,
             header_timeout=s.header_timeout,
             max_connections=self.settings.limits.max_connections,
+            max_pipelined=s.max_pipelined,
+            max_pipelined_bytes=s.max_pipelined_bytes,
         )

@@ -1,4 +1,5 @@
-"""X-Forwarded-For trust: only the entries appended by trusted hops are believed."""
+"""X-Forwarded-* trust: only the X-Forwarded-For entries appended by trusted hops are
+believed, and X-Forwarded-Proto / -Host only when the settings say the hop sets them."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ async def forwarded(
     capfd: pytest.CaptureFixture[str],
     hops: int,
     headers: dict[str, str],
+    **settings: Any,
 ) -> tuple[dict[str, list[str]], dict[str, Any]]:
     router = await start_router(
         router_settings(
@@ -28,6 +30,7 @@ async def forwarded(
             flag_file,
             server__trusted_hops=hops,
             access_log__enabled=True,
+            **settings,
         )
     )
     capfd.readouterr()
@@ -71,17 +74,24 @@ async def test_only_trusted_hops_are_believed(
     assert line["client"] == logged
 
 
-async def test_without_trusted_hops_forwarded_proto_and_host_are_the_routers(
+async def test_forwarded_proto_and_host_are_the_routers_unless_trusted(
     backends: Backends,
     flag_file: Path,
     start_router: StartRouter,
     client: aiohttp.ClientSession,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
+    """A trusted hop (trusted_hops) is believed for X-Forwarded-For only: X-Forwarded-Proto
+    and -Host are the client's only with server.trust_forwarded_proto / _host (an ALB sets
+    the proto, never the host). Attack tests with a recording upstream: test_edge.py."""
     spoof = {"X-Forwarded-Proto": "https", "X-Forwarded-Host": "bank.example"}
-    seen, _ = await forwarded(backends, flag_file, start_router, client, capfd, 0, spoof)
-    assert seen["x-forwarded-proto"] == ["http"]
-    assert seen["x-forwarded-host"] != ["bank.example"]
-    seen, _ = await forwarded(backends, flag_file, start_router, client, capfd, 1, spoof)
+    for hops in (0, 1):
+        seen, _ = await forwarded(backends, flag_file, start_router, client, capfd, hops, spoof)
+        assert seen["x-forwarded-proto"] == ["http"]
+        assert seen["x-forwarded-host"] != ["bank.example"]
+    seen, _ = await forwarded(
+        backends, flag_file, start_router, client, capfd, 1, spoof,
+        server__trust_forwarded_proto=True,
+    )  # fmt: skip
     assert seen["x-forwarded-proto"] == ["https"]  # the ALB sets it; we believe the ALB
-    assert seen["x-forwarded-host"] == ["bank.example"]
+    assert seen["x-forwarded-host"] != ["bank.example"]  # the ALB never sets this one
