@@ -403,21 +403,25 @@ def test_workers_metrics_and_readiness_describe_the_whole_task(
     # A stopped worker: the survivor's scrape says so rather than pretending to be whole,
     # and the task is not ready. A connection the kernel hands to the stopped worker hangs
     # (it times out here); the others reach the survivor, which waits SIBLING_TIMEOUT (2 s)
-    # for its sibling, then answers. 10 tries: all of them landing on the stopped worker
-    # has a chance of 1 in 1024.
+    # for its sibling, then answers. Each path is tried up to 10 times on its own: all of
+    # one path's tries landing on the stopped worker has a chance of 1 in 1024 (asking for
+    # both in one try, as this test did, failed one time in 18: (3/4)**10).
     os.kill(workers[1], signal.SIGSTOP)
-    try:
-        answered = None
+
+    def from_the_survivor(path: str) -> Response | None:
         for _ in range(10):
             try:
-                scrape = request(router.admin_port, "/metrics", timeout=8)
-                readyz = request(router.admin_port, "/readyz", timeout=8)
+                return request(router.admin_port, path, timeout=8)
             except OSError:
                 continue
-            answered = (scrape.body.decode(), readyz)
-            break
-        assert answered is not None, "no scrape reached the running worker"
-        text, readyz = answered
+        return None
+
+    try:
+        scrape = from_the_survivor("/metrics")
+        assert scrape is not None, "no scrape reached the running worker"
+        readyz = from_the_survivor("/readyz")
+        assert readyz is not None, "no readiness check reached the running worker"
+        text = scrape.body.decode()
         assert _metric(text, "router_workers", '{state="missing"}') == 1
         assert _metric(text, "router_workers", '{state="answered"}') == 1
         assert readyz.status == 503
