@@ -530,3 +530,25 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+async def recording_upstream(
+    raw_upstream: Callable[[RawHandler], Awaitable[RawUpstream]],
+) -> RawUpstream:
+    """An upstream that records every request head it is sent (`requests`) and answers
+    200 ok: what tests check "never forwarded" against."""
+    server: RawUpstream | None = None
+
+    async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head, _ = await read_http_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            assert server is not None
+            server.requests.append(head)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    server = await raw_upstream(recording)
+    return server

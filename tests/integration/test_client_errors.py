@@ -23,6 +23,7 @@ from tests.conftest import (
     StartRouter,
     raw_request,
     read_http_request,
+    recording_upstream,
     router_settings,
     sample,
     serve_ok,
@@ -43,21 +44,7 @@ UpstreamFactory = Callable[[RawHandler], Awaitable[RawUpstream]]
 @pytest.fixture
 async def upstream(raw_upstream: UpstreamFactory) -> RawUpstream:
     """A well-behaved upstream that records every request head it is sent."""
-    server: RawUpstream | None = None
-
-    async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                head, _ = await read_http_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            assert server is not None
-            server.requests.append(head)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-
-    server = await raw_upstream(recording)
-    return server
+    return await recording_upstream(raw_upstream)
 
 
 async def start(

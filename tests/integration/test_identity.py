@@ -12,7 +12,6 @@ which must see no connection at all, not inferred from the status.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 from collections.abc import Awaitable, Callable
@@ -28,7 +27,7 @@ from tests.conftest import (
     RunningRouter,
     StartRouter,
     raw_request,
-    read_http_request,
+    recording_upstream,
     router_settings,
     sample,
 )
@@ -46,25 +45,6 @@ def unsigned_jwt(payload: dict[str, Any], alg: str = "HS256", signature: str = "
     """A token as a decode-only router sees it: the signature is the backend's business."""
     header = b64url(json.dumps({"alg": alg, "typ": "JWT"}).encode())
     return f"{header}.{b64url(json.dumps(payload).encode())}.{signature}"
-
-
-async def recording_upstream(raw_upstream: UpstreamFactory) -> RawUpstream:
-    """An upstream that records every request head it is sent and answers 200 ok."""
-    server: RawUpstream | None = None
-
-    async def recording(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                head, _ = await read_http_request(reader)
-            except asyncio.IncompleteReadError:
-                return
-            assert server is not None
-            server.requests.append(head)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-
-    server = await raw_upstream(recording)
-    return server
 
 
 class Sides:

@@ -39,10 +39,11 @@ from tests.conftest import (
     RunningRouter,
     StartRouter,
     raw_request,
+    recording_upstream,
     router_settings,
     sample,
 )
-from tests.integration.test_identity import Sides, recording_upstream, request
+from tests.integration.test_identity import Sides, request
 
 pytestmark = pytest.mark.usefixtures("no_error_logs")
 
